@@ -1,0 +1,293 @@
+"""The ``Method`` contract (DESIGN.md §3), a no-op base class, and the registry.
+
+A method is built on a model whose trainable tensors (``requires_grad=True``) it snapshots,
+and is driven by any PyTorch loop through a handful of hooks::
+
+    m = build_method("spider", model)
+    loss = loss + (m.loss_penalty() or 0)
+    loss.backward(); clip_grad_norm_(...)
+    m.before_optimizer_step(); optimizer.step(); m.after_optimizer_step()
+    optimizer.zero_grad()
+    ...
+    m.finalize()
+
+Each method lives in its own module of this package and registers itself with
+``@register("name")``; ``available_methods()`` imports every module here, so a new method is
+one new file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import pkgutil
+from collections.abc import Iterator
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+# Per-tensor statistics every method can report (DESIGN.md §4, "layers"): the analysis and the
+# runner rely on these names. NaN where a method has no such notion (e.g. importances of L2).
+STAT_COLUMNS = (
+    "mask_mean",  # mean keep-weight w over the tensor (1 = free, 0 = pinned to theta0)
+    "mask_density",  # fraction of entries with w > 0
+    "importance_pre_mean",  # mean of I = rank(theta0)
+    "importance_ft_mean",  # mean of G = rank(S)
+    "frac_ft_gt_pre",  # fraction of entries with G > I
+)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What a training loop may call. ``MethodBase`` implements every hook as a no-op."""
+
+    name: ClassVar[str]
+    model: nn.Module
+
+    def loss_penalty(self) -> torch.Tensor | None: ...
+    def before_optimizer_step(self) -> None: ...
+    def after_optimizer_step(self) -> None: ...
+    def finalize(self) -> None: ...
+    def masks(self) -> dict[str, torch.Tensor]: ...
+    def importances(self) -> dict[str, dict[str, torch.Tensor]]: ...
+    def statistics(self) -> dict[str, dict[str, float]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """This method takes no options."""
+
+
+class MethodBase:
+    """No-op implementation of every hook; a method overrides only what it needs.
+
+    Attributes:
+        model: the module to train. Usually the model passed in; LoRA returns its PEFT wrapper.
+        params: the trainable tensors at construction, by ``named_parameters()`` name.
+        steps_done: number of ``after_optimizer_step`` calls, part of the state.
+        collect_statistics: when True, the next update records ``statistics()`` as a by-product
+            (the runner sets it on log steps so that statistics cost no extra pass).
+        has_masks: False for methods with no per-weight mask (LoRA); ``masks()`` is then empty.
+    """
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    has_masks: ClassVar[bool] = True
+    #: one line for the app and ``--help``: what the method does.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, options: Any | None = None):
+        self.model = model
+        self.options = options if options is not None else self.Options()
+        self.params: dict[str, nn.Parameter] = {
+            name: p for name, p in model.named_parameters() if p.requires_grad
+        }
+        self.steps_done = 0
+        self.collect_statistics = False
+        self._last_statistics: dict[str, dict[str, float]] = {}
+
+    # ----------------------------------------------------------------- hooks (no-ops)
+    def loss_penalty(self) -> torch.Tensor | None:
+        return None
+
+    def before_optimizer_step(self) -> None:
+        return None
+
+    def after_optimizer_step(self) -> None:
+        self.steps_done += 1
+
+    def finalize(self) -> None:
+        return None
+
+    # ----------------------------------------------------------------- views
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current keep-weight ``w`` in [0, 1] per element; all ones for unmasked methods."""
+        return {name: torch.ones_like(p, dtype=torch.float32) for name, p in self.params.items()}
+
+    def importances(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per tensor ``{"pre": I, "ft": G}`` where the method defines them; else empty."""
+        return {}
+
+    def statistics(self) -> dict[str, dict[str, float]]:
+        """Per tensor, the ``STAT_COLUMNS``; from the last update when it collected them."""
+        if self._last_statistics:
+            return self._last_statistics
+        return self.compute_statistics()
+
+    def compute_statistics(self) -> dict[str, dict[str, float]]:
+        """Statistics from ``masks()`` and ``importances()``; one pass over every tensor."""
+        imps = self.importances()
+        out: dict[str, dict[str, float]] = {}
+        for name, w in self.masks().items():
+            row = dict.fromkeys(STAT_COLUMNS, float("nan"))
+            row["mask_mean"] = float(w.float().mean())
+            row["mask_density"] = float((w > 0).float().mean())
+            if name in imps:
+                pre, ft = imps[name]["pre"], imps[name]["ft"]
+                row["importance_pre_mean"] = float(pre.mean())
+                row["importance_ft_mean"] = float(ft.mean())
+                row["frac_ft_gt_pre"] = float((ft > pre).float().mean())
+            out[name] = row
+        return out
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """What the optimizer should update."""
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------- state
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that, with ``steps_done`` and the options, determine the method's state."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"method '{self.name}' has no state tensors, got {sorted(tensors)[:3]}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"meta": JSON-able dict, "tensors": {key: Tensor}}``: saveable as safetensors+JSON."""
+        meta = {
+            "method": self.name,
+            "steps_done": self.steps_done,
+            "options": dataclasses.asdict(self.options),
+        }
+        return {"meta": meta, "tensors": dict(self.extra_state())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        meta = state.get("meta", {})
+        if meta.get("method", self.name) != self.name:
+            raise ValueError(f"state is for method '{meta.get('method')}', not '{self.name}'")
+        saved_options = meta.get("options")
+        if saved_options is not None and saved_options != json.loads(
+            json.dumps(dataclasses.asdict(self.options))
+        ):
+            raise ValueError(
+                f"state was saved with options {saved_options}, "
+                f"this method has {dataclasses.asdict(self.options)}"
+            )
+        self.steps_done = int(meta.get("steps_done", 0))
+        self.load_extra_state(dict(state.get("tensors", {})))
+
+
+# --------------------------------------------------------------------- shared helpers
+def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Frozen copy of the trainable tensors in their own dtype (theta0)."""
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def check_state_tensors(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str
+) -> None:
+    """Raise a ValueError naming the first key that is unknown, missing or mis-shaped."""
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise ValueError(f"unknown {what} tensor '{unknown[0]}' in method state")
+    for key, tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{what} tensor '{key}' has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+
+
+# --------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[MethodBase]] = {}
+_DISCOVERED = False
+
+
+def register(name: str):
+    """Class decorator: make a ``MethodBase`` subclass available as ``build_method(name)``."""
+
+    def deco(cls: type[MethodBase]) -> type[MethodBase]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name '{name}' is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    package = importlib.import_module("spider.methods")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"spider.methods.{info.name}")
+    _DISCOVERED = True
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[MethodBase]:
+    _discover()
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown method '{name}'; available methods: {', '.join(available_methods())}"
+        )
+    return _REGISTRY[name]
+
+
+def option_fields(name: str) -> list[dataclasses.Field]:
+    """The option fields of a method (name, type, default, ``metadata['help']``)."""
+    return list(dataclasses.fields(method_class(name).Options))
+
+
+def make_options(name: str, **options: Any):
+    """Build a method's options dataclass; unknown names or bad values raise ValueError."""
+    cls = method_class(name)
+    known = {f.name: f for f in dataclasses.fields(cls.Options)}
+    for key in options:
+        if key not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise ValueError(f"unknown option '{key}' for method '{name}'; its options are: {listed}")
+    coerced = {key: _coerce(name, known[key], value) for key, value in options.items()}
+    return cls.Options(**coerced)
+
+
+def _coerce(method: str, field: dataclasses.Field, value: Any) -> Any:
+    """Accept strings (from a command line or a form) for bool/int/float options."""
+    default = field.default
+    if isinstance(value, str) and not isinstance(default, str) and default is not None:
+        text = value.strip().lower()
+        try:
+            if isinstance(default, bool):
+                if text in ("1", "true", "yes", "on"):
+                    return True
+                if text in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(default, int):
+                return int(text)
+            if isinstance(default, float):
+                return float(text)
+        except ValueError:
+            raise ValueError(
+                f"option '{field.name}' of method '{method}' expects a "
+                f"{type(default).__name__}, got '{value}'"
+            ) from None
+    return value
+
+
+def build_method(name: str, model: nn.Module, **options: Any) -> MethodBase:
+    """Build the method ``name`` on ``model``, snapshotting its trainable tensors."""
+    opts = make_options(name, **options)
+    return method_class(name)(model, opts)
+
+
+def choice(value: str, allowed: tuple[str, ...], option: str, method: str) -> None:
+    """Validate a string option against its allowed values."""
+    if value not in allowed:
+        raise ValueError(
+            f"option '{option}' of method '{method}' must be one of {', '.join(allowed)}; "
+            f"got '{value}'"
+        )

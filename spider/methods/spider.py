@@ -1,0 +1,310 @@
+"""SPIDER: Importance Discrepancy Measurement + Importance Selection Mask.
+
+Huang et al., "Learn from Downstream and Be Yourself in Multimodal Large Language Model
+Fine-Tuning", ICML 2025 (arXiv 2411.10928). For every trainable tensor ``p`` (DESIGN.md §1)::
+
+    I  = rank(theta0)                       pre-training importance (fixed)
+    S += p.grad                             after optimizer.step(), i.e. after clipping
+    G  = rank(S)                            fine-tuning importance
+    w  = where(I < G, G / (I + G), 0)       Importance Selection Mask (raw)
+    w  = min(w / mean(w[w != 0]), 1)        (w stays 0 when no entry is non-zero)
+    p <- theta0 * (1 - w) + p * w           after every optimizer step
+
+By default this matches the authors' released trainer step for step, to float32 rounding.
+What differs from a line-by-line transcription is only *how* it is computed:
+
+* Kept memory is theta0 (in the parameter's own dtype) and S (float32): 8 bytes per float32
+  parameter, 6 per bf16 one. I, G and w are computed per tensor on the fly in two reusable
+  float32 work buffers the size of the largest tensor.
+* ``rank`` is ``sigmoid(a*|t| + b)`` with per-tensor scalars from sums that can be
+  all-reduced (``reducer``), so a sharded tensor gets the mask of the whole tensor.
+* ``where(I < G, G/(I+G), 0)`` is computed as "keep ``r = G/(I+G)`` where ``r > 0.5``": the two
+  are the same condition (r > 1/2 <=> G > I), which saves a comparison pass. Ties closer than
+  one float32 ulp may resolve differently from the authors' comparison.
+* Degenerate tensors (one element, no spread) get rank 0.5 instead of NaN; see
+  ``spider.importance``. Such a tensor's theta0 rank then never loses to G = 0.5, so e.g. a
+  one-element tensor stays pinned at theta0, as it does (through NaN) in the authors' code.
+
+Ablations (options): a binary mask ``w = 1[I < G]``, no mean-normalisation, ``S`` as the
+sum of ``|grad|``, or Fisher importance (``S`` as the sum of ``grad**2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from spider.importance import Reducer, abs_into, abs_sums, affine_from_sums, rank_into
+from spider.methods.base import (
+    STAT_COLUMNS,
+    MethodBase,
+    check_state_tensors,
+    choice,
+    register,
+    snapshot,
+)
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclasses.dataclass
+class SpiderOptions:
+    mask: str = dataclasses.field(
+        default="weighted",
+        metadata={"help": "weighted: w = G/(I+G) where G > I (the paper's ISM); "
+                  "binary: w = 1 where G > I (ablation)"},
+    )
+    normalize: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "divide w by the mean of its non-zero entries and cap at 1 "
+                  "(the authors' trainer); off for the ablation"},
+    )
+    accumulate: str = dataclasses.field(
+        default="signed",
+        metadata={"help": "fine-tuning importance from the running sum of: signed = grad "
+                  "(the authors'), abs = |grad|, fisher = grad**2"},
+    )
+
+    def __post_init__(self) -> None:
+        choice(self.mask, ("weighted", "binary"), "mask", "spider")
+        choice(self.accumulate, ("signed", "abs", "fisher"), "accumulate", "spider")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"option 'normalize' of method 'spider' must be true or false, "
+                             f"got {self.normalize!r}")
+
+
+@dataclasses.dataclass
+class KeepWeightStats:
+    """By-products of one ``keep_weight`` call (sums, so they can be all-reduced)."""
+
+    numel: float
+    nonzero: float  # entries with G > I (= entries with w > 0)
+    mask_sum: float = math.nan  # sum of the final w
+    pre_sum: float = math.nan  # sum of I
+    ft_sum: float = math.nan  # sum of G
+
+    def as_row(self) -> dict[str, float]:
+        n = self.numel or math.nan
+        return {
+            "mask_mean": self.mask_sum / n,
+            "mask_density": self.nonzero / n,
+            "importance_pre_mean": self.pre_sum / n,
+            "importance_ft_mean": self.ft_sum / n,
+            "frac_ft_gt_pre": self.nonzero / n,
+        }
+
+
+def keep_weight(
+    theta0: torch.Tensor,
+    grad_sum: torch.Tensor,
+    options: SpiderOptions | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+    pre_affine: tuple[float, float] | None = None,
+    reducer: Reducer | None = None,
+    collect: bool = False,
+    importances: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, KeepWeightStats]:
+    """The keep-weight ``w`` of one tensor from theta0 and the gradient sum S.
+
+    This is the function training uses and the one analysis uses to rebuild masks from a
+    checkpoint. ``out`` and ``work`` are float32 buffers shaped like ``theta0`` (allocated
+    when not given); ``w`` is returned in ``out``. ``pre_affine`` caches the fixed
+    ``(a, b)`` of I. ``importances(I, G)``, when given, is called with the two ranks before
+    they are combined (for ``Method.importances``).
+    """
+    opts = options or SpiderOptions()
+    w = out if out is not None else torch.empty(theta0.shape, dtype=torch.float32,
+                                                 device=theta0.device)
+    imp = work if work is not None else torch.empty_like(w)
+    reduce = reducer or (lambda sums: sums)
+
+    # G = rank(S), into w (the abs pass also yields sum|S|)
+    g_a, g_b = affine_from_sums(reduce(abs_sums(grad_sum, abs_out=w)))
+    rank_into(w, w, g_a, g_b)
+    # I = rank(theta0), into imp
+    if pre_affine is None:
+        pre_affine = affine_from_sums(reduce(abs_sums(theta0, abs_out=imp)))
+    else:
+        abs_into(imp, theta0)
+    rank_into(imp, imp, *pre_affine)
+    if importances is not None:
+        importances(imp, w)
+
+    stats = KeepWeightStats(numel=float(theta0.numel()), nonzero=0.0)
+    if collect:
+        local = torch.stack([imp.sum(dtype=torch.float64), w.sum(dtype=torch.float64)])
+        stats.pre_sum, stats.ft_sum = reduce(local).tolist()
+
+    if g_a == 0.0 and g_b == -math.inf:
+        # S is all zeros (no gradient yet): G = 0 is never above I, nothing is free.
+        w.zero_()
+        stats.mask_sum = 0.0
+        return w, stats
+
+    if opts.mask == "binary":
+        w.sub_(imp)  # G - I
+        w.sign_().clamp_(min=0.0)  # 1 where G > I, else 0
+        stats.nonzero = float(reduce(w.sum(dtype=torch.float64).reshape(1))[0])
+        stats.mask_sum = stats.nonzero
+        return w, stats
+
+    # r = G / (I + G); r > 1/2 exactly where G > I, so thresholding at 1/2 is where(I < G, r, 0)
+    imp.add_(w).clamp_(min=_TINY)  # I + G, never 0 (both ranks can underflow to 0)
+    w.div_(imp)
+    F.threshold_(w, 0.5, 0.0)
+    torch.sign(w, out=imp)
+    sums = reduce(torch.stack([w.sum(dtype=torch.float64), imp.sum(dtype=torch.float64)]))
+    raw_sum, nonzero = sums.tolist()
+    stats.nonzero = nonzero
+    if opts.normalize and nonzero > 0:
+        w.mul_(nonzero / raw_sum).clamp_(max=1.0)  # w / mean(w[w != 0]), capped at 1
+        if collect:
+            stats.mask_sum = float(reduce(w.sum(dtype=torch.float64).reshape(1))[0])
+    else:
+        stats.mask_sum = raw_sum
+    return w, stats
+
+
+def apply_keep_weight(
+    param: torch.Tensor, theta0: torch.Tensor, w: torch.Tensor, work: torch.Tensor
+) -> None:
+    """``param <- theta0 * (1 - w) + param * w`` in float32, written back in param's dtype.
+
+    Same operations in the same order as the authors' formula, so the float32 result is
+    bit-identical for the same ``w``. ``w`` and ``work`` are overwritten.
+    """
+    torch.sub(1.0, w, out=work)
+    work.mul_(theta0)
+    w.mul_(param)
+    w.add_(work)
+    param.copy_(w)
+
+
+@register("spider")
+class Spider(MethodBase):
+    """SPIDER (ICML 2025): pull each weight back toward theta0 unless G > I."""
+
+    Options = SpiderOptions
+    summary = ("SPIDER: per weight, compare pre-training importance (|theta0| rank) with "
+               "fine-tuning importance (accumulated-gradient rank); pull weights back to "
+               "theta0 unless the downstream task matters more.")
+
+    def __init__(self, model, options: SpiderOptions | None = None):
+        super().__init__(model, options)
+        self.theta0 = snapshot(self.params)
+        self.grad_sum = {
+            name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            for name, p in self.params.items()
+        }
+        #: all-reduce hook for sharded tensors: float64 vector of local sums -> global sums.
+        self.reducer: Reducer | None = None
+        self._pre_affine: dict[str, tuple[float, float]] = {}
+        self._work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ internals
+    def _buffers(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float32 work buffers shaped like ``like``, views of per-device scratch."""
+        device = like.device
+        if device not in self._work:
+            largest = max(p.numel() for p in self.params.values() if p.device == device)
+            self._work[device] = (
+                torch.empty(largest, dtype=torch.float32, device=device),
+                torch.empty(largest, dtype=torch.float32, device=device),
+            )
+        a, b = self._work[device]
+        n = like.numel()
+        return a[:n].view(like.shape), b[:n].view(like.shape)
+
+    def _affine_pre(self, name: str) -> tuple[float, float]:
+        if name not in self._pre_affine:
+            sums = abs_sums(self.theta0[name])
+            if self.reducer is not None:
+                sums = self.reducer(sums)
+            self._pre_affine[name] = affine_from_sums(sums)
+        return self._pre_affine[name]
+
+    def _accumulate(self, grad_sum: torch.Tensor, grad: torch.Tensor) -> None:
+        mode = self.options.accumulate
+        if mode == "signed":
+            grad_sum.add_(grad)
+        elif mode == "abs":
+            grad_sum.add_(grad.abs())
+        else:  # fisher
+            grad_sum.addcmul_(grad, grad)
+
+    def _weight(self, name: str, out: torch.Tensor, work: torch.Tensor, collect: bool = False,
+                importances=None):
+        return keep_weight(
+            self.theta0[name], self.grad_sum[name], self.options, out=out, work=work,
+            pre_affine=self._affine_pre(name), reducer=self.reducer, collect=collect,
+            importances=importances,
+        )
+
+    # ------------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        collect = self.collect_statistics
+        stats: dict[str, dict[str, float]] = {}
+        for name, p in self.params.items():
+            if p.grad is not None:
+                self._accumulate(self.grad_sum[name], p.grad)
+            w, work = self._buffers(p)
+            _, tensor_stats = self._weight(name, w, work, collect=collect)
+            if collect:
+                stats[name] = tensor_stats.as_row()
+            apply_keep_weight(p.data, self.theta0[name], w, work)
+        if collect:
+            self._last_statistics = stats
+        self.steps_done += 1
+
+    # ------------------------------------------------------------------ views
+    @torch.no_grad()
+    def masks(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.params:
+            w, _ = self._weight(name, torch.empty_like(self.grad_sum[name]),
+                                torch.empty_like(self.grad_sum[name]))
+            out[name] = w
+        return out
+
+    @torch.no_grad()
+    def importances(self) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name in self.params:
+            w, work = self._buffers(self.grad_sum[name])
+
+            def keep(pre, ft, name=name):
+                out[name] = {"pre": pre.clone(), "ft": ft.clone()}
+
+            self._weight(name, w, work, importances=keep)
+        return out
+
+    @torch.no_grad()
+    def compute_statistics(self) -> dict[str, dict[str, float]]:
+        stats = {}
+        for name in self.params:
+            w, work = self._buffers(self.grad_sum[name])
+            _, s = self._weight(name, w, work, collect=True)
+            stats[name] = s.as_row()
+        assert all(set(row) == set(STAT_COLUMNS) for row in stats.values())
+        return stats
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        state = {f"theta0/{n}": t for n, t in self.theta0.items()}
+        state.update({f"grad_sum/{n}": t for n, t in self.grad_sum.items()})
+        return state
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        check_state_tensors(self.extra_state(), tensors, "spider")
+        for key, tensor in tensors.items():
+            kind, name = key.split("/", 1)
+            target = self.theta0[name] if kind == "theta0" else self.grad_sum[name]
+            target.copy_(tensor)
+        self._pre_affine.clear()

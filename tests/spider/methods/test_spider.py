@@ -1,0 +1,295 @@
+"""SPIDER against hand-computed values and against the plain transcription of the rule."""
+
+import math
+
+import pytest
+import torch
+from spider_reference import ReferenceSpider
+from spider_reference import rank as reference_rank
+
+from spider.importance import rank
+from spider.methods import build_method
+from spider.methods.spider import keep_weight
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _rank_by_hand(values):
+    a = [abs(v) for v in values]
+    mean = sum(a) / len(a)
+    std = math.sqrt(sum((x - mean) ** 2 for x in a) / (len(a) - 1))
+    return [_sigmoid((x - mean) / std) for x in a]
+
+
+def test_keep_weight_matches_hand_computation():
+    theta0 = [0.5, -2.0, 1.0, 0.1]
+    grad_sum = [0.3, -0.1, 0.9, 0.05]
+    pre, ft = _rank_by_hand(theta0), _rank_by_hand(grad_sum)
+    raw = [g / (i + g) if i < g else 0.0 for i, g in zip(pre, ft)]
+    nonzero = [r for r in raw if r != 0]
+    expected = [min(r / (sum(nonzero) / len(nonzero)), 1.0) for r in raw]
+    # I = [.377, .902, .621, .265]-ish and G = [.542, .330, .887, .276]-ish: entries 0, 2, 3 win
+    assert [r > 0 for r in raw] == [True, False, True, True]
+    w, stats = keep_weight(torch.tensor(theta0), torch.tensor(grad_sum), collect=True)
+    assert w.tolist() == pytest.approx(expected, rel=1e-6)
+    assert stats.nonzero == 3
+    assert stats.as_row()["mask_density"] == pytest.approx(0.75)
+    assert stats.as_row()["importance_pre_mean"] == pytest.approx(sum(pre) / 4, rel=1e-6)
+
+
+def test_update_pulls_weight_back_by_hand():
+    model = torch.nn.Linear(4, 1, bias=False)
+    theta0 = [0.5, -2.0, 1.0, 0.1]
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([theta0]))
+    method = build_method("spider", model)
+    grad = [0.3, -0.1, 0.9, 0.05]
+    moved = [0.2, 0.2, 0.2, 0.2]
+    with torch.no_grad():
+        model.weight.add_(torch.tensor([moved]))  # pretend optimizer.step() moved every weight
+    model.weight.grad = torch.tensor([grad])
+    method.after_optimizer_step()
+    pre, ft = _rank_by_hand(theta0), _rank_by_hand(grad)
+    raw = [g / (i + g) if i < g else 0.0 for i, g in zip(pre, ft)]
+    mean_nz = sum(r for r in raw if r) / sum(1 for r in raw if r)
+    w = [min(r / mean_nz, 1.0) for r in raw]
+    expected = [t * (1 - wi) + (t + m) * wi for t, m, wi in zip(theta0, moved, w)]
+    assert model.weight[0].tolist() == pytest.approx(expected, rel=1e-6)
+    assert model.weight[0, 1].item() == theta0[1]  # w = 0: exactly theta0
+
+
+def test_about_half_get_weight_and_a_quarter_reach_one():
+    """DESIGN.md: with unrelated weights and gradients ~1/2 of w > 0 and ~1/4 reach 1."""
+    gen = torch.Generator().manual_seed(0)
+    w, _ = keep_weight(torch.randn(200_000, generator=gen), torch.randn(200_000, generator=gen))
+    assert (w > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (w == 1).float().mean().item() == pytest.approx(0.25, abs=0.05)
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)
+    )
+    with torch.no_grad():  # LayerNorm starts all-equal (degenerate, NaN in the transcription)
+        model[2].weight.copy_(torch.linspace(0.5, 1.5, 32))
+        model[2].bias.copy_(torch.linspace(-0.1, 0.1, 32))
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_matches_transcription_over_many_steps(optimizer):
+    ours, ref = _mlp(0), _mlp(0)
+    method = build_method("spider", ours)
+    reference = ReferenceSpider(dict(ref.named_parameters()))
+
+    def make_opt(model):
+        if optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+
+    opt_ours, opt_ref = make_opt(ours), make_opt(ref)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(40):
+        x = torch.randn(8, 16, generator=gen)
+        y = torch.randn(8, 4, generator=gen)
+        for model, opt, hook in ((ours, opt_ours, method.after_optimizer_step),
+                                 (ref, opt_ref, reference.after_optimizer_step)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # clipping is active
+            opt.step()
+            hook()
+            opt.zero_grad()
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6,
+                                       msg=f"{name} differs at step {step}")
+    # the rule did something: some weights pinned, some moved
+    masks = method.masks()
+    assert any((m == 0).any() for m in masks.values())
+    assert any((m > 0).any() for m in masks.values())
+    for name, w in masks.items():
+        torch.testing.assert_close(w, reference.mask[name], rtol=1e-5, atol=1e-6)
+
+
+def test_importances_are_the_ranks():
+    model = _mlp(0)
+    method = build_method("spider", model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    method.after_optimizer_step()
+    imps = method.importances()
+    for name, p in method.params.items():
+        torch.testing.assert_close(imps[name]["pre"], reference_rank(method.theta0[name]),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(imps[name]["ft"], reference_rank(method.grad_sum[name]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([3.0], 0.5),  # one element: z-score undefined -> 0.5
+        ([2.0, -2.0, 2.0, 2.0], 0.5),  # all |t| equal: no spread -> 0.5
+        ([0.0, 0.0, 0.0], 0.0),  # all zeros -> 0 (the authors' rule)
+        ([0.0], 0.0),
+    ],
+)
+def test_degenerate_ranks_are_defined(values, expected):
+    r = rank(torch.tensor(values))
+    assert r.tolist() == [expected] * len(values)
+
+
+@pytest.mark.parametrize("theta0", [[3.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+def test_degenerate_tensors_never_poison_weights(theta0):
+    """Where the authors' code divides by a zero std (NaN), ours keeps weights finite."""
+    layer = torch.nn.Linear(len(theta0), 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([theta0]))
+    method = build_method("spider", layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for step in range(5):
+        grad = torch.full((1, len(theta0)), 1.0) if step % 2 else torch.randn(1, len(theta0))
+        layer.weight.grad = grad
+        opt.step()
+        method.after_optimizer_step()
+        assert torch.isfinite(layer.weight).all()
+        for w in method.masks().values():
+            assert torch.isfinite(w).all() and (w >= 0).all() and (w <= 1).all()
+    if len(theta0) == 1:  # G and I both 0.5: never G > I, so it stays at theta0
+        assert layer.weight.item() == theta0[0]
+    # the transcription gives NaN for the same tensors (why the definition exists)
+    if theta0 != [0.0] * len(theta0):
+        assert torch.isnan(reference_rank(torch.tensor(theta0))).all()
+
+
+def test_underflowing_ranks_do_not_make_nan():
+    # |S| with a large mean and tiny spread: the low entries' z-scores underflow sigmoid to 0,
+    # and theta0's do too, so I + G == 0 there.
+    theta0 = torch.cat([torch.zeros(1), torch.full((999,), 100.0) + torch.linspace(0, 0.1, 999)])
+    grad_sum = theta0.clone()
+    w, _ = keep_weight(theta0, grad_sum)
+    assert torch.isfinite(w).all()
+    assert w[0].item() == 0.0
+
+
+def test_ablations_behave_as_documented():
+    gen = torch.Generator().manual_seed(3)
+    theta0, grad_sum = torch.randn(5000, generator=gen), torch.randn(5000, generator=gen)
+    from spider.methods.spider import SpiderOptions
+
+    weighted, _ = keep_weight(theta0, grad_sum)
+    binary, _ = keep_weight(theta0, grad_sum, SpiderOptions(mask="binary"))
+    raw, _ = keep_weight(theta0, grad_sum, SpiderOptions(normalize=False))
+    pre, ft = reference_rank(theta0), reference_rank(grad_sum)
+    assert torch.equal(binary, (ft > pre).float())
+    torch.testing.assert_close(raw, torch.where(pre < ft, ft / (pre + ft), 0.0))
+    assert ((raw > 0.5) | (raw == 0)).all() and raw.max() <= 1.0
+    assert torch.equal(weighted > 0, binary > 0)
+    # normalisation makes the mean of non-zero entries 1 before the cap
+    assert weighted[weighted > 0].max().item() == 1.0
+
+
+@pytest.mark.parametrize("accumulate", ["abs", "fisher"])
+def test_accumulate_variants(accumulate):
+    layer = torch.nn.Linear(8, 1, bias=False)
+    method = build_method("spider", layer, accumulate=accumulate)
+    grads = [torch.randn(1, 8) for _ in range(3)]
+    for g in grads:
+        layer.weight.grad = g
+        method.after_optimizer_step()
+    expected = sum(g.abs() if accumulate == "abs" else g * g for g in grads)
+    torch.testing.assert_close(method.grad_sum["weight"], expected)
+
+
+def test_bf16_parameters_keep_theta0_in_bf16():
+    model = _mlp(0).to(torch.bfloat16)
+    method = build_method("spider", model)
+    assert all(t.dtype == torch.bfloat16 for t in method.theta0.values())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
+    for _ in range(5):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        method.after_optimizer_step()
+        opt.zero_grad()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+        pinned = method.masks()[name] == 0
+        assert torch.equal(p[pinned], method.theta0[name][pinned])
+
+
+def test_sharded_statistics_equal_unsharded():
+    """Sums all-reduced over shards give the same mask as the whole tensor.
+
+    Two threads play two ranks; the reducer is a real (in-process) all-reduce: each rank
+    deposits its local sums, waits for the other, and gets the total.
+    """
+    import threading
+
+    gen = torch.Generator().manual_seed(5)
+    theta0, grad_sum = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    whole, whole_stats = keep_weight(theta0, grad_sum, collect=True)
+    shards = [(theta0[:300], grad_sum[:300]), (theta0[300:], grad_sum[300:])]
+    barrier = threading.Barrier(2)
+    deposited: list = [None, None]
+    results: list = [None, None]
+
+    def all_reduce(rank_):
+        def reducer(sums):
+            deposited[rank_] = sums.clone()
+            barrier.wait()
+            total = deposited[0] + deposited[1]
+            barrier.wait()
+            return total
+        return reducer
+
+    def work(rank_):
+        t0, s = shards[rank_]
+        results[rank_] = keep_weight(t0, s, reducer=all_reduce(rank_), collect=True)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), whole,
+                               rtol=1e-6, atol=1e-7)
+    assert results[0][1].nonzero == whole_stats.nonzero  # global count on every rank
+    # without the all-reduce a shard's mask differs (its own mean and std)
+    alone, _ = keep_weight(*shards[0])
+    assert not torch.allclose(alone, whole[:300])
+
+
+def test_state_round_trip_resumes_exactly():
+    def run(steps, model, method, opt, gen):
+        for _ in range(steps):
+            x, y = torch.randn(4, 16, generator=gen), torch.randn(4, 4, generator=gen)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            method.after_optimizer_step()
+            opt.zero_grad()
+
+    gen = torch.Generator().manual_seed(0)
+    straight = _mlp(0)
+    m1 = build_method("spider", straight)
+    o1 = torch.optim.SGD(straight.parameters(), lr=0.1)
+    run(10, straight, m1, o1, gen)
+
+    gen = torch.Generator().manual_seed(0)
+    first = _mlp(0)
+    m2 = build_method("spider", first)
+    o2 = torch.optim.SGD(first.parameters(), lr=0.1)
+    run(5, first, m2, o2, gen)
+    state = m2.state_dict()
+    resumed = _mlp(0)
+    resumed.load_state_dict(first.state_dict())
+    m3 = build_method("spider", resumed)
+    m3.load_state_dict(state)
+    o3 = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    run(5, resumed, m3, o3, gen)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert m3.steps_done == 10
