@@ -41,15 +41,13 @@ def abs_sums(t: torch.Tensor, abs_out: torch.Tensor | None = None) -> torch.Tens
     ``abs_out``, when given, receives ``|t|`` (float32 work buffer of ``t``'s shape), which
     the caller can reuse so that ``|t|`` is computed once.
     """
+    # float32 reductions (PyTorch sums in cascades, accurate to a few ulps) turned into float64
+    # scalars: asking for a float64 sum would convert the whole tensor first.
     flat = t.reshape(-1)
-    if abs_out is None:
-        sum_abs = flat.abs().sum(dtype=torch.float64)
-    else:
-        abs_into(abs_out, t)
-        sum_abs = abs_out.sum(dtype=torch.float64)
-    sum_sq = torch.linalg.vector_norm(flat, 2, dtype=torch.float32).double() ** 2
-    count = torch.tensor(float(flat.numel()), dtype=torch.float64, device=t.device)
-    return torch.stack([count, sum_abs.to(t.device), sum_sq.to(t.device)])
+    sum_abs = (flat.abs() if abs_out is None else abs_into(abs_out, t)).sum(dtype=torch.float32)
+    sum_sq = torch.linalg.vector_norm(flat, 2, dtype=torch.float32) ** 2
+    count = torch.tensor(float(flat.numel()), dtype=torch.float32, device=t.device)
+    return torch.stack([count, sum_abs, sum_sq]).double()
 
 
 def abs_into(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -82,8 +80,8 @@ def rank_into(out: torch.Tensor, abs_t: torch.Tensor, a: float, b: float) -> tor
     """``out = sigmoid(a * abs_t + b)``; ``out`` may be ``abs_t`` itself."""
     if a == 0.0:
         return out.fill_(0.0 if b == -math.inf else 0.5)
-    torch.mul(abs_t, a, out=out)
-    out.add_(b)
+    # one fused pass for b + a*|t| (a 0-dim tensor broadcasts), then the sigmoid in place
+    torch.add(torch.tensor(b, dtype=out.dtype, device=out.device), abs_t, alpha=a, out=out)
     return out.sigmoid_()
 
 

@@ -316,8 +316,12 @@ def score_predictions(examples: Sequence[Example], predictions: Sequence[str]) -
         else:
             value, _ = cider_d(preds, refs)
             score = min(value / CIDER_MAX, 1.0)
-        tasks[task] = {"metric": METRIC_NAMES[metric], "value": value, "score": score,
-                       "n": len(indices)}
+        tasks[task] = {
+            "metric": METRIC_NAMES[metric],
+            "value": value,
+            "score": score,
+            "n": len(indices),
+        }
 
     overall = float(np.mean([entry["score"] for entry in tasks.values()]))
     return {"score": overall, "n": len(examples), "tasks": tasks}

@@ -48,9 +48,6 @@ from spider.methods.base import (
     snapshot,
 )
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
 @dataclasses.dataclass
 class SpiderOptions:
     mask: str = dataclasses.field(
@@ -102,6 +99,21 @@ def keep_weight(
     theta0: torch.Tensor,
     grad_sum: torch.Tensor,
     options: SpiderOptions | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, KeepWeightStats]:
+    """The keep-weight ``w`` of one tensor from theta0 and the gradient sum S.
+
+    This is the function training uses and the one analysis uses to rebuild masks from a
+    checkpoint. Keyword arguments are those of ``keep_weight_scaled``.
+    """
+    w, _, stats = keep_weight_scaled(theta0, grad_sum, options, fold_scale=False, **kwargs)
+    return w, stats
+
+
+def keep_weight_scaled(
+    theta0: torch.Tensor,
+    grad_sum: torch.Tensor,
+    options: SpiderOptions | None = None,
     *,
     out: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
@@ -109,11 +121,14 @@ def keep_weight(
     reducer: Reducer | None = None,
     collect: bool = False,
     importances: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, KeepWeightStats]:
-    """The keep-weight ``w`` of one tensor from theta0 and the gradient sum S.
+    fold_scale: bool = True,
+) -> tuple[torch.Tensor, float, KeepWeightStats]:
+    """``(v, scale, stats)`` with the keep-weight ``w = scale * v``.
 
-    This is the function training uses and the one analysis uses to rebuild masks from a
-    checkpoint. ``out`` and ``work`` are float32 buffers shaped like ``theta0`` (allocated
+    Returning the normalisation factor apart (``fold_scale``) lets the update fold it into
+    its last pass; with ``fold_scale=False`` the scale is applied here, exactly as the authors
+    do (``min(w * scale, 1)``), and returned as 1.
+    ``out`` and ``work`` are float32 buffers shaped like ``theta0`` (allocated
     when not given); ``w`` is returned in ``out``. ``pre_affine`` caches the fixed
     ``(a, b)`` of I. ``importances(I, G)``, when given, is called with the two ranks before
     they are combined (for ``Method.importances``).
@@ -138,47 +153,70 @@ def keep_weight(
 
     stats = KeepWeightStats(numel=float(theta0.numel()), nonzero=0.0)
     if collect:
-        local = torch.stack([imp.sum(dtype=torch.float64), w.sum(dtype=torch.float64)])
+        local = torch.stack([imp.sum(), w.sum()]).double()
         stats.pre_sum, stats.ft_sum = reduce(local).tolist()
 
     if g_a == 0.0 and g_b == -math.inf:
         # S is all zeros (no gradient yet): G = 0 is never above I, nothing is free.
         w.zero_()
         stats.mask_sum = 0.0
-        return w, stats
+        return w, 1.0, stats
 
     if opts.mask == "binary":
         w.sub_(imp)  # G - I
         w.sign_().clamp_(min=0.0)  # 1 where G > I, else 0
-        stats.nonzero = float(reduce(w.sum(dtype=torch.float64).reshape(1))[0])
+        stats.nonzero = float(reduce(w.sum().double().reshape(1))[0])
         stats.mask_sum = stats.nonzero
-        return w, stats
+        return w, 1.0, stats
 
     # r = G / (I + G); r > 1/2 exactly where G > I, so thresholding at 1/2 is where(I < G, r, 0)
-    imp.add_(w).clamp_(min=_TINY)  # I + G, never 0 (both ranks can underflow to 0)
+    imp.add_(w)  # I + G
     w.div_(imp)
     F.threshold_(w, 0.5, 0.0)
     torch.sign(w, out=imp)
-    sums = reduce(torch.stack([w.sum(dtype=torch.float64), imp.sum(dtype=torch.float64)]))
+    sums = reduce(torch.stack([w.sum(), imp.sum()]).double())
     raw_sum, nonzero = sums.tolist()
+    if math.isnan(raw_sum):
+        # Both ranks underflowed to 0 somewhere (0/0): there G > I is false, so w = 0. Rare
+        # enough to repair after the fact instead of guarding every entry on every step.
+        w.nan_to_num_(nan=0.0)
+        torch.sign(w, out=imp)
+        raw_sum, nonzero = reduce(torch.stack([w.sum(), imp.sum()]).double()).tolist()
     stats.nonzero = nonzero
-    if opts.normalize and nonzero > 0:
-        w.mul_(nonzero / raw_sum).clamp_(max=1.0)  # w / mean(w[w != 0]), capped at 1
-        if collect:
-            stats.mask_sum = float(reduce(w.sum(dtype=torch.float64).reshape(1))[0])
-    else:
+    if not (opts.normalize and nonzero > 0):
         stats.mask_sum = raw_sum
-    return w, stats
+        return w, 1.0, stats
+    # w / mean(w[w != 0]) capped at 1  ==  scale * min(w, 1/scale)
+    scale = nonzero / raw_sum
+    if not fold_scale:
+        w.mul_(scale).clamp_(max=1.0)
+        if collect:
+            stats.mask_sum = float(reduce(w.sum().double().reshape(1))[0])
+        return w, 1.0, stats
+    w.clamp_(max=1.0 / scale)
+    if collect:
+        stats.mask_sum = scale * float(reduce(w.sum().double().reshape(1))[0])
+    return w, scale, stats
 
 
 def apply_keep_weight(
-    param: torch.Tensor, theta0: torch.Tensor, w: torch.Tensor, work: torch.Tensor
+    param: torch.Tensor, theta0: torch.Tensor, w: torch.Tensor, work: torch.Tensor,
+    scale: float = 1.0,
 ) -> None:
-    """``param <- theta0 * (1 - w) + param * w`` in float32, written back in param's dtype.
+    """``param <- theta0 * (1 - w) + param * w``, computed in float32.
 
-    Same operations in the same order as the authors' formula, so the float32 result is
-    bit-identical for the same ``w``. ``w`` and ``work`` are overwritten.
+    The keep-weight is ``scale * w``. Low-precision parameters (bf16) are combined in float32
+    in the authors' order of operations and written back once. ``w`` and ``work`` are
+    overwritten.
     """
+    if param.dtype == torch.float32 and theta0.dtype == torch.float32:
+        # theta0 + scale * w * (param - theta0): two passes instead of five; equal to the
+        # authors' form to float32 rounding, and exactly theta0 where w = 0.
+        param.sub_(theta0)
+        torch.addcmul(theta0, param, w, value=scale, out=param)
+        return
+    if scale != 1.0:
+        w.mul_(scale)
     torch.sub(1.0, w, out=work)
     work.mul_(theta0)
     w.mul_(param)
@@ -240,7 +278,8 @@ class Spider(MethodBase):
 
     def _weight(self, name: str, out: torch.Tensor, work: torch.Tensor, collect: bool = False,
                 importances=None):
-        return keep_weight(
+        """``(v, scale, stats)`` for tensor ``name``: its keep-weight is ``scale * v``."""
+        return keep_weight_scaled(
             self.theta0[name], self.grad_sum[name], self.options, out=out, work=work,
             pre_affine=self._affine_pre(name), reducer=self.reducer, collect=collect,
             importances=importances,
@@ -255,10 +294,10 @@ class Spider(MethodBase):
             if p.grad is not None:
                 self._accumulate(self.grad_sum[name], p.grad)
             w, work = self._buffers(p)
-            _, tensor_stats = self._weight(name, w, work, collect=collect)
+            _, scale, tensor_stats = self._weight(name, w, work, collect=collect)
             if collect:
                 stats[name] = tensor_stats.as_row()
-            apply_keep_weight(p.data, self.theta0[name], w, work)
+            apply_keep_weight(p.data, self.theta0[name], w, work, scale)
         if collect:
             self._last_statistics = stats
         self.steps_done += 1
@@ -268,9 +307,10 @@ class Spider(MethodBase):
     def masks(self) -> dict[str, torch.Tensor]:
         out = {}
         for name in self.params:
-            w, _ = self._weight(name, torch.empty_like(self.grad_sum[name]),
-                                torch.empty_like(self.grad_sum[name]))
-            out[name] = w
+            out[name], _ = keep_weight(
+                self.theta0[name], self.grad_sum[name], self.options,
+                pre_affine=self._affine_pre(name), reducer=self.reducer,
+            )
         return out
 
     @torch.no_grad()
@@ -290,8 +330,7 @@ class Spider(MethodBase):
         stats = {}
         for name in self.params:
             w, work = self._buffers(self.grad_sum[name])
-            _, s = self._weight(name, w, work, collect=True)
-            stats[name] = s.as_row()
+            stats[name] = self._weight(name, w, work, collect=True)[2].as_row()
         assert all(set(row) == set(STAT_COLUMNS) for row in stats.values())
         return stats
 

@@ -1,0 +1,113 @@
+"""DARE: drop most of the fine-tuning delta at random, rescale the rest (post-hoc).
+
+Why: "Language Models are Super Mario" (Yu et al., ICML 2024) observe that fine-tuning
+deltas are highly redundant: dropping 90 % of them and rescaling the survivors keeps the
+downstream skill, while the model moves back towards ``theta0`` on the dropped entries. The
+SPIDER paper uses it as a forgetting baseline (DESIGN.md §1, baselines).
+
+Training is plain full fine-tuning. In ``finalize()``, per trainable tensor ``p``::
+
+    delta = p - theta0                                       (float32)
+    keep  ~ Bernoulli(1 - p_drop) per entry                   (p_drop = 0.9; seeded generator
+                                                               per (seed, tensor name))
+    p     <- where(keep, theta0 + delta / (1 - p_drop), theta0)
+    w     = keep                                              (after finalize; ones before)
+
+Dropped entries are written back as ``theta0`` itself (bit for bit). ``finalize`` acts once:
+a second call, or one after resuming a finalized state, does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from spider.methods._baseline_utils import (
+    FINALIZED_KEY,
+    flag,
+    load_group,
+    number_option,
+    pack,
+    reject_leftovers,
+    take_flag,
+    take_group,
+    tensor_generator,
+)
+from spider.methods.base import MethodBase, register, snapshot
+
+
+@dataclasses.dataclass
+class DareOptions:
+    p_drop: float = dataclasses.field(
+        default=0.9, metadata={"help": "probability of dropping each entry of the fine-tuning delta"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random drop"})
+
+    def __post_init__(self) -> None:
+        self.p_drop = number_option(self.p_drop, "p_drop", "dare", 0.0, 1.0, high_open=True)
+        self.seed = number_option(self.seed, "seed", "dare", 0, 2**63 - 1, integer=True)
+
+
+@register("dare")
+class Dare(MethodBase):
+    """Full fine-tuning, then drop each delta entry with ``p_drop`` and rescale the kept ones.
+
+    Attributes:
+        theta0: pre-trained tensors, in the parameter dtype.
+        kept: after ``finalize``, bool masks of the delta entries that were kept.
+    """
+
+    Options: ClassVar[type] = DareOptions
+    summary: ClassVar[str] = (
+        "Post-hoc: trains like full fine-tuning, then drops each weight change with "
+        "probability p_drop and rescales the kept ones by 1/(1-p_drop)."
+    )
+
+    def __init__(self, model: nn.Module, options: Any | None = None):
+        super().__init__(model, options)
+        self.theta0 = snapshot(self.params)
+        self.kept: dict[str, torch.Tensor] = {}
+        self.finalized = False
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        if self.finalized:
+            return
+        scale = 1.0 / (1.0 - self.options.p_drop)
+        for name, p in self.params.items():
+            theta0 = self.theta0[name]
+            generator = tensor_generator(self.name, self.options.seed, name)
+            keep = (torch.rand(p.shape, generator=generator) >= self.options.p_drop).to(p.device)
+            rescaled = theta0.float() + (p.float() - theta0.float()) * scale
+            p.copy_(torch.where(keep, rescaled.to(p.dtype), theta0))
+            self.kept[name] = keep
+        self.finalized = True
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        if not self.finalized:
+            return super().masks()
+        return {name: keep.float() for name, keep in self.kept.items()}
+
+    # ----------------------------------------------------------------- state
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {
+            FINALIZED_KEY: flag(self.finalized),
+            **pack("theta0", self.theta0),
+            **pack("kept", self.kept),
+        }
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        finalized = take_flag(tensors)
+        load_group(self.theta0, take_group(tensors, "theta0"), "theta0")
+        kept = take_group(tensors, "kept")
+        if finalized:
+            self.kept = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in self.theta0.items()}
+            load_group(self.kept, kept, "kept")
+        elif kept:
+            raise ValueError("state has 'kept' masks but is not finalized")
+        reject_leftovers(tensors, self.name)
+        self.finalized = finalized

@@ -1,0 +1,354 @@
+"""Loading local image-text-to-text models, choosing what trains, and the bundled tiny LLaVA.
+
+Any directory that ``transformers`` Auto classes load as an image-text-to-text model works
+(LLaVA family first). Nothing is downloaded: loading is ``local_files_only`` and
+``trust_remote_code`` stays off, so a typo in a path is an error here rather than a hub
+request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from spider.errors import UserError
+from spider.naming import parse_param_name
+
+COMPONENTS = ("vision", "projector", "llm", "other")
+TRAINABLE_PARTS = ("vision", "projector", "llm")
+
+# The word-splitting rule shared with ``spider.data.split_words`` (applied to lowercased
+# text): runs of letters/digits are words, every other non-space character stands alone.
+WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+
+# The tiny model's chat format. ``<image>`` comes first in the first user message; answers end
+# with ``</s>`` so a trained model learns to stop. A generation prompt ends in "ASSISTANT:".
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}</s>{{ '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_TEMPLATE_WORDS = ("user", "assistant", ":")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_model_path(path: str | Path) -> str:
+    """Map what a person passed as ``--model`` to a model directory.
+
+    Today that is the path itself; run checkpoints (``RUN/checkpoints/step-N``) will be
+    resolved here, so every entry point accepts them once this learns how.
+    """
+    return str(path)
+
+
+def _check_model_dir(path: Path) -> None:
+    """Raise a ``UserError`` naming ``path`` unless it holds an image-text-to-text config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if not path.exists():
+        raise UserError(f"model directory '{path}' does not exist.")
+    if not path.is_dir():
+        raise UserError(f"model path '{path}' is a file, not a model directory.")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"model directory '{path}' has no config.json, so it is not a saved Hugging Face model."
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read '{config_file}' as JSON: {err}.") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise UserError(
+            f"model directory '{path}' is a '{model_type}' model, not an image-text model "
+            "(LLaVA-style); give a directory saved from an image-text-to-text model such as "
+            "LlavaForConditionalGeneration."
+        )
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None):
+    """Load ``(model, processor)`` from a local image-text-to-text directory.
+
+    ``device`` is ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when available); ``dtype``
+    a ``torch.dtype`` or its name (``"bfloat16"``), ``None`` for the checkpoint's own. The model
+    comes back in eval mode; the caller switches to train mode when training.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+
+    path = Path(path)
+    _check_model_dir(path)
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"model directory '{path}' has no usable processor files (tokenizer and "
+            f"preprocessor_config.json): {_first_line(err)}"
+        ) from None
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise UserError(
+            f"model directory '{path}' has a tokenizer but no image processor "
+            "(preprocessor_config.json), so images cannot be fed to it."
+        )
+    if getattr(processor, "tokenizer", None) is None:
+        raise UserError(f"model directory '{path}' has no tokenizer files.")
+
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load model weights from '{path}': {_first_line(err)}") from None
+    model.to(resolve_device(device))
+    model.eval()
+    return model, processor
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as given (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device '{device}'; use auto, cpu or cuda.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' was asked for but CUDA is not available here.")
+    return resolved
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__).rstrip(".") + "."
+
+
+# ----------------------------------------------------------------------------------------------
+# What trains
+
+
+def select_trainable(
+    model: torch.nn.Module,
+    parts: Iterable[str] = ("llm", "projector"),
+    last_layers: int | None = None,
+) -> dict[str, dict[str, int]]:
+    """Set ``requires_grad`` per parameter by component; return counts of elements.
+
+    The default trains the language model and the projector and freezes the vision tower, as
+    the SPIDER authors fine-tune LLaVA. ``last_layers=N`` narrows the language model to its
+    last N decoder blocks (embeddings, final norm and ``lm_head`` then stay frozen).
+    Parameters whose component is ``other`` are frozen.
+
+    Returns ``{component: {"trainable": n, "frozen": n}}`` for every component plus a
+    ``"total"`` entry, counting elements (``numel``), not tensors.
+    """
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    unknown = [p for p in parts if p not in TRAINABLE_PARTS]
+    if unknown:
+        raise UserError(
+            f"unknown trainable part '{unknown[0]}'; choose from {', '.join(TRAINABLE_PARTS)}."
+        )
+
+    named = list(model.named_parameters())
+    parsed = {name: parse_param_name(name) for name, _ in named}
+    first_trained_layer = None
+    if last_layers is not None:
+        if "llm" not in parts:
+            raise UserError("last_layers narrows the language model, but 'llm' is not a trained part.")
+        llm_layers = {p.layer for p in parsed.values() if p.component == "llm" and p.layer is not None}
+        if isinstance(last_layers, bool) or not isinstance(last_layers, int) or last_layers < 1:
+            raise UserError(f"last_layers must be a positive whole number, not {last_layers!r}.")
+        if last_layers > len(llm_layers):
+            raise UserError(
+                f"last_layers={last_layers} but the language model has only {len(llm_layers)} layers."
+            )
+        first_trained_layer = max(llm_layers) + 1 - last_layers
+
+    summary = {c: {"trainable": 0, "frozen": 0} for c in (*COMPONENTS, "total")}
+    for name, param in named:
+        info = parsed[name]
+        train = info.component in parts
+        if train and info.component == "llm" and first_trained_layer is not None:
+            train = info.layer is not None and info.layer >= first_trained_layer
+        param.requires_grad_(train)
+        key = "trainable" if train else "frozen"
+        summary[info.component][key] += param.numel()
+        summary["total"][key] += param.numel()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundled tiny LLaVA
+
+
+def _word_pieces(words: Iterable[str]) -> list[str]:
+    """Every token the word-splitting rule makes of ``words``, sorted and unique."""
+    import re
+
+    pieces = set(_TEMPLATE_WORDS)
+    for word in words:
+        pieces.update(re.findall(WORD_PATTERN, str(word).lower()))
+    return sorted(pieces - set(SPECIAL_TOKENS))
+
+
+def build_tokenizer(words: Iterable[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over ``words`` (plus the chat-template words).
+
+    Ids: ``<pad>``=0, ``<unk>``=1, ``<s>``=2, ``</s>``=3, ``<image>``=4, then the words sorted.
+    Text is lowercased and split by ``WORD_PATTERN``; encoding adds ``<s>`` in front; decoding
+    joins words with spaces and re-attaches punctuation (``"a red circle."``).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *_word_pieces(words)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # Whitespace split first, so the regex split below only ever sees non-space runs, where
+    # WORD_PATTERN matches every character (no leftover pieces).
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # join with spaces
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=512,
+        clean_up_tokenization_spaces=True,
+        padding_side="right",
+    )
+
+
+def build_tiny_llava(
+    words: Sequence[str],
+    out_dir: str | Path | None = None,
+    *,
+    image_size: int = 48,
+    patch_size: int = 6,
+    vision_hidden: int = 96,
+    vision_layers: int = 2,
+    text_hidden: int = 160,
+    text_layers: int = 4,
+    seed: int = 0,
+):
+    """Build (and optionally save) a LLaVA small enough to fine-tune on a laptop CPU.
+
+    Architecture (defaults), a standard ``LlavaForConditionalGeneration``:
+
+    - vision: CLIP ViT, 48x48 input, 6x6 patches -> 8x8 = 64 patch tokens (+ CLS, dropped by
+      ``vision_feature_select_strategy="default"``), hidden 96, 2 layers, 4 heads, MLP 384;
+      features from the last layer (``vision_feature_layer=-1``).
+    - projector: LLaVA-1.5's 2-layer GELU MLP, 96 -> 160 -> 160.
+    - language model: Llama, hidden 160, 4 layers, 4 heads (head dim 40), SwiGLU MLP 448,
+      RoPE, untied ``lm_head``, vocabulary = special tokens + ``words``.
+
+    The processor expands ``<image>`` into exactly 64 image tokens, so a one-line question
+    and answer make ~80-token sequences. Weights are random (seeded); the point is a real
+    LLaVA that pre-trains and fine-tunes in minutes. Saved with ``save_pretrained``
+    (safetensors) so the Auto classes load ``out_dir`` offline.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if image_size % patch_size:
+        raise UserError(f"image_size {image_size} is not a multiple of patch_size {patch_size}.")
+    tokenizer = build_tokenizer(words)
+    vocab_size = len(tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=int(2.8 * text_hidden) // 16 * 16,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=ids["<image>"],
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.bos_token_id = ids["<s>"]
+    model.generation_config.eos_token_id = ids["</s>"]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.generation_config.do_sample = False
+    model.eval()
+
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=TINY_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        processor.save_pretrained(out_dir)
+    return model, processor
