@@ -8,8 +8,11 @@ baseline stays one readable file; only the fiddly, easy-to-get-wrong pieces live
   recompute the same set;
 * ``restore_``: put pinned entries back to their anchor *bit for bit* (``torch.where``, not
   arithmetic, so ``-0.0`` and bf16 values survive exactly);
-* ``tensor_generator``: a CPU ``torch.Generator`` per (method, seed, tensor name, salt), so random
-  choices are reproducible, independent of the global RNG and of which other tensors exist;
+* ``tensor_generator``: a ``torch.Generator`` per (method, seed, tensor name, salt), so random
+  choices are reproducible, independent of the global RNG and of which other tensors exist.
+  It lives on the tensor's device (drawing a 7B model's masks on the CPU takes minutes), so
+  the same seed gives the same choice on the same kind of device; a resumed run never
+  redraws, it loads the masks from the state;
 * ``pack`` / ``load_group`` / flags: the ``extra_state`` layout ``"<group>/<param name>"``.
 """
 
@@ -42,10 +45,14 @@ def number_option(
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"option '{option}' of method '{method}' must be {kind}; got {value!r}") from None
+        raise ValueError(
+            f"option '{option}' of method '{method}' must be {kind}; got {value!r}"
+        ) from None
     if integer:
         if not number.is_integer():
-            raise ValueError(f"option '{option}' of method '{method}' must be {kind}; got {value!r}")
+            raise ValueError(
+                f"option '{option}' of method '{method}' must be {kind}; got {value!r}"
+            )
         number = int(number)
     too_low = number <= low if low_open else number < low
     too_high = number >= high if high_open else number > high
@@ -75,19 +82,22 @@ def top_fraction(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask.view(score.shape)
 
 
-def tensor_generator(purpose: str, seed: int, name: str, salt: int = 0) -> torch.Generator:
-    """CPU generator seeded from (purpose, seed, tensor name, salt): same draws on every run.
+def tensor_generator(
+    purpose: str, seed: int, name: str, salt: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """Generator on ``device`` seeded from (purpose, seed, tensor name, salt).
 
     ``purpose`` (the method name) keeps methods that share a seed on independent streams.
     """
     key = f"{purpose}/{seed}/{salt}/{name}"
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") % 2**63)
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
 def random_fraction(shape: torch.Size, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Bool CPU mask with exactly ``count_for(ratio, numel)`` entries True, chosen at random."""
-    return top_fraction(torch.rand(shape, generator=generator), ratio)
+    """Bool mask (on the generator's device) with exactly ``count_for(ratio, numel)`` entries
+    True, chosen uniformly at random."""
+    return top_fraction(torch.rand(shape, generator=generator, device=generator.device), ratio)
 
 
 @torch.no_grad()
@@ -110,9 +120,7 @@ def take_group(tensors: dict[str, torch.Tensor], group: str) -> dict[str, torch.
 
 
 @torch.no_grad()
-def load_group(
-    targets: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str
-) -> None:
+def load_group(targets: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:
     """Copy ``given`` into the existing ``targets`` (their device and dtype), all keys required."""
     check_state_tensors(targets, given, what)
     missing = sorted(set(targets) - set(given))
@@ -133,7 +141,9 @@ def take_flag(tensors: dict[str, torch.Tensor], key: str = FINALIZED_KEY) -> boo
         raise ValueError(f"state tensor '{key}' is missing from the method state")
     value = tensors.pop(key)
     if value.numel() != 1:
-        raise ValueError(f"state tensor '{key}' must hold one value, has shape {tuple(value.shape)}")
+        raise ValueError(
+            f"state tensor '{key}' must hold one value, has shape {tuple(value.shape)}"
+        )
     return bool(value.item())
 
 

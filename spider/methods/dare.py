@@ -8,8 +8,9 @@ SPIDER paper uses it as a forgetting baseline (DESIGN.md §1, baselines).
 Training is plain full fine-tuning. In ``finalize()``, per trainable tensor ``p``::
 
     delta = p - theta0                                       (float32)
-    keep  ~ Bernoulli(1 - p_drop) per entry                   (p_drop = 0.9; seeded generator
-                                                               per (seed, tensor name))
+    keep  ~ Bernoulli(1 - p_drop) per entry                   (p_drop = 0.9; generator on p's
+                                                               device, seeded per
+                                                               (seed, tensor name))
     p     <- where(keep, theta0 + delta / (1 - p_drop), theta0)
     w     = keep                                              (after finalize; ones before)
 
@@ -42,7 +43,8 @@ from spider.methods.base import MethodBase, register, snapshot
 @dataclasses.dataclass
 class DareOptions:
     p_drop: float = dataclasses.field(
-        default=0.9, metadata={"help": "probability of dropping each entry of the fine-tuning delta"}
+        default=0.9,
+        metadata={"help": "probability of dropping each entry of the fine-tuning delta"},
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random drop"})
 
@@ -79,8 +81,8 @@ class Dare(MethodBase):
         scale = 1.0 / (1.0 - self.options.p_drop)
         for name, p in self.params.items():
             theta0 = self.theta0[name]
-            generator = tensor_generator(self.name, self.options.seed, name)
-            keep = (torch.rand(p.shape, generator=generator) >= self.options.p_drop).to(p.device)
+            generator = tensor_generator(self.name, self.options.seed, name, device=p.device)
+            keep = torch.rand(p.shape, generator=generator, device=p.device) >= self.options.p_drop
             rescaled = theta0.float() + (p.float() - theta0.float()) * scale
             p.copy_(torch.where(keep, rescaled.to(p.dtype), theta0))
             self.kept[name] = keep

@@ -17,4 +17,6 @@ class FullFineTuning(MethodBase):
     """Every trainable weight trains freely; ``masks()`` is all ones (the base behaviour)."""
 
     Options: ClassVar[type] = NoOptions
-    summary: ClassVar[str] = "Full fine-tuning: every trainable weight is updated; mask is 1 everywhere."
+    summary: ClassVar[str] = (
+        "Full fine-tuning: every trainable weight is updated; mask is 1 everywhere."
+    )

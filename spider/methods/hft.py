@@ -10,7 +10,8 @@ the whole run when ``round_steps = 0``)::
 
     at the start of round r:  anchor = p (round 0: anchor = theta0)
                               frozen = round(ratio * numel) random entries
-                                       (generator seeded from (seed, tensor name, r))
+                                       (generator on p's device, seeded from
+                                        (seed, tensor name, r))
     after every step:         p <- where(frozen, anchor, p)      (bit for bit)
     w = 1 - frozen            (for the current round)
 
@@ -83,8 +84,10 @@ class HalfFineTuning(MethodBase):
 
     def draw_frozen(self, name: str, round_index: int) -> torch.Tensor:
         p = self.params[name]
-        generator = tensor_generator(self.name, self.options.seed, name, salt=round_index)
-        return random_fraction(p.shape, self.options.ratio, generator).to(p.device)
+        generator = tensor_generator(
+            self.name, self.options.seed, name, salt=round_index, device=p.device
+        )
+        return random_fraction(p.shape, self.options.ratio, generator)
 
     @property
     def round_index(self) -> int:

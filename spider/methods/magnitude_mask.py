@@ -39,7 +39,9 @@ from spider.methods.base import MethodBase, register, snapshot
 class MagnitudeMaskOptions:
     ratio: float = dataclasses.field(
         default=0.5,
-        metadata={"help": "fraction of each tensor pinned to theta0: its entries of largest |theta0|"},
+        metadata={
+            "help": "fraction of each tensor pinned to theta0: its entries of largest |theta0|"
+        },
     )
 
     def __post_init__(self) -> None:

@@ -7,12 +7,14 @@ mask that pins as many weights, the choice of *which* weights matters, not just 
 Rule, per trainable tensor ``p``::
 
     pinned = round(ratio * numel) entries drawn uniformly without replacement
-             (torch.Generator seeded from (seed, tensor name); global RNG untouched)
+             (torch.Generator on the tensor's device, seeded from (seed, tensor name);
+              the global RNG is neither used nor advanced)
     p      <- where(pinned, theta0, p)      after every optimizer step (bit for bit)
     w      = 1 - pinned
 
 It is ``MagnitudeMask`` with a random score in place of ``|theta0|``; a tensor's pinned set
-depends only on the seed and the tensor's name, not on which other tensors are trainable.
+depends only on the seed, the tensor's name and the kind of device, not on which other
+tensors are trainable.
 """
 
 from __future__ import annotations
@@ -52,5 +54,5 @@ class RandomMask(MagnitudeMask):
     )
 
     def choose_pinned(self, name: str, theta0: torch.Tensor) -> torch.Tensor:
-        generator = None
-        return random_fraction(theta0.shape, self.options.ratio, generator).to(theta0.device)
+        generator = tensor_generator(self.name, self.options.seed, name, device=theta0.device)
+        return random_fraction(theta0.shape, self.options.ratio, generator)

@@ -170,7 +170,9 @@ def test_tailor_keeps_the_top_10_percent_by_fisher_salience(harness):
         for name, p in m.params.items():
             fisher[name] += p.grad.float() ** 2
 
-    harness.train(method, harness.make_optimizer(method), harness.make_batch(), 12, record_grad_squares)
+    harness.train(
+        method, harness.make_optimizer(method), harness.make_batch(), 12, record_grad_squares
+    )
     tuned = trainable(model)
     method.finalize()
 
@@ -194,7 +196,9 @@ def test_tailor_magnitude_score_keeps_the_largest_changes(harness):
     model = wide_model(quarters=True)
     theta0 = trainable(model)["proj.weight"]
     method = build_method("tailor", model, score="magnitude", keep_ratio=0.25)
-    set_delta(method, {"proj.weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(5))})
+    set_delta(
+        method, {"proj.weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(5))}
+    )
     delta = model.proj.weight.detach() - theta0
     method.finalize()
     p = model.proj.weight.detach()
@@ -211,7 +215,7 @@ def test_hft_frozen_half_stays_at_theta0_in_a_single_round(harness):
     theta0 = trainable(model)
     method = build_method("hft", model)
     masks = method.masks()
-    for name, w in masks.items():
+    for w in masks.values():
         assert int((w == 0).sum()) == HALF_UP(0.5, w.numel())
     harness.train(method, harness.make_optimizer(method), harness.make_batch(), 12)
     for name, p in method.params.items():
@@ -321,10 +325,9 @@ def test_lora_trains_only_adapters_and_merges_them(harness):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     method = build_method("lora", model, r=4, alpha=8)
     assert method.has_masks is False and method.masks() == {}
+    adapted = ("embed", "hidden")  # the trainable Linears; lm_head excluded, frozen not trainable
     assert set(method.params) == {
-        f"base_model.model.{module}.lora_{ab}.default.weight"
-        for module in ("embed", "hidden")  # trainable Linears; lm_head excluded, frozen not trainable
-        for ab in "AB"
+        f"base_model.model.{module}.lora_{ab}.default.weight" for module in adapted for ab in "AB"
     }
     assert [id(p) for p in method.trainable_parameters()] == [id(p) for p in method.params.values()]
 
@@ -365,7 +368,8 @@ def test_lora_state_restores_the_adapters(harness):
         assert torch.equal(p, resumed.params[name]), name
     method.finalize()
     resumed.finalize()
-    for (n1, p1), (n2, p2) in zip(method.model.named_parameters(), resumed.model.named_parameters()):
+    pairs = zip(method.model.named_parameters(), resumed.model.named_parameters(), strict=True)
+    for (n1, p1), (n2, p2) in pairs:
         assert n1 == n2 and torch.equal(p1, p2)
 
 
@@ -426,6 +430,7 @@ def tiny_llava():
     return model, ids, pixels
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["lora", "magnitude_mask"])
 def test_methods_on_a_tiny_llava(name):
     model, ids, pixels = tiny_llava()
@@ -443,7 +448,7 @@ def test_methods_on_a_tiny_llava(name):
     losses = []
     for _ in range(4):
         loss = method.model(input_ids=ids, pixel_values=pixels, labels=ids).loss
-        losses.append(float(loss))
+        losses.append(loss.item())
         loss.backward()
         method.before_optimizer_step()
         optimizer.step()

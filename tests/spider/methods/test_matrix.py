@@ -87,8 +87,12 @@ def test_training_invariants(name, optimizer, harness):
     original_names = [n for n, _ in model.named_parameters()]
     trainable, frozen = snapshot_model(model)
     method = build_method(name, model)
-    losses = harness.train(method, harness.make_optimizer(method, optimizer), harness.make_batch(), STEPS)
+    losses = harness.train(
+        method, harness.make_optimizer(method, optimizer), harness.make_batch(), STEPS
+    )
 
+    # per-tensor statistics come from the masks (DESIGN.md §4 "layers")
+    assert set(method.statistics()) == set(method.masks())
     # (f) the loss falls on a repeated batch
     assert losses[-1] < 0.8 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     # (a) (d) (b) (g) after the last step
@@ -175,6 +179,27 @@ def test_state_round_trip_resumes_exactly(name, harness):
     straight.finalize()
     resumed.finalize()
     assert_same("after finalize")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_finalized_state_round_trips(name, harness):
+    """A state saved after finalize, loaded on the final weights, changes nothing more."""
+    method = build_method(name, harness.make_model())
+    harness.train(method, harness.make_optimizer(method), harness.make_batch(), 5)
+    method.finalize()
+    final, masks = harness.weights(method.model), method.masks()
+    state = harness.through_disk(method.state_dict())
+
+    fresh = harness.make_model(seed=3)
+    assert copy_matching(final, fresh) == len(final)
+    resumed = build_method(name, fresh)
+    resumed.load_state_dict(state)
+    resumed.finalize()
+    after = harness.weights(resumed.model)
+    assert after.keys() == final.keys()
+    assert all(torch.equal(after[k], final[k]) for k in final)
+    assert resumed.masks().keys() == masks.keys()
+    assert all(torch.equal(resumed.masks()[k], masks[k]) for k in masks)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -1,0 +1,174 @@
+"""The one training loop of the project (pre-training and fine-tuning both use it).
+
+nanoGPT-style: one function, read top to bottom, in commented phases. A ``Method``'s hooks are
+called at the points DESIGN.md §3 names; evaluation, logging and checkpointing are the
+caller's, through ``LoopHooks``, so the loop itself stays short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from spider.errors import UserError
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    steps: int = 150  # optimizer steps in the whole run
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 10  # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip: float = 1.0  # max gradient norm (0 = no clipping)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+
+
+class LossNotFinite(UserError):
+    """The loss became NaN or inf: stop at once, earlier checkpoints stay as they are."""
+
+
+class LoopHooks:
+    """Called by ``train_loop``; every hook is a no-op here."""
+
+    def after_step(self, step: int, record: dict) -> None:
+        """``step`` optimizer steps are done; ``record`` holds loss, lr, grad_norm, seconds."""
+
+    def should_stop(self) -> bool:
+        """Checked after every step (e.g. SIGTERM received)."""
+        return False
+
+
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to ``cfg.lr * min_lr_ratio``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class BatchSampler:
+    """Which examples make micro-batch ``(step, micro)``: a pure function of the seed.
+
+    Examples are drawn epoch by epoch from seeded permutations, so a resumed run sees exactly
+    the batches an uninterrupted one would. ``mix`` adds a second dataset (data-hybrid
+    training): a share ``ratio`` of every micro-batch comes from it.
+    """
+
+    def __init__(self, size: int, batch_size: int, grad_accum: int, seed: int,
+                 mix_size: int = 0, mix_ratio: float = 0.0):
+        if size <= 0:
+            raise UserError("the training dataset is empty")
+        self.size, self.batch_size, self.grad_accum, self.seed = size, batch_size, grad_accum, seed
+        self.mix_size = mix_size
+        self.n_mix = int(round(batch_size * mix_ratio)) if mix_size > 0 else 0
+        self.n_main = batch_size - self.n_mix
+
+    @staticmethod
+    def _take(size: int, seed: int, stream: int, start: int, count: int) -> list[int]:
+        out: list[int] = []
+        while count > 0:
+            epoch, offset = divmod(start, size)
+            perm = np.random.default_rng([seed, stream, epoch]).permutation(size)
+            chunk = perm[offset: offset + count]
+            out.extend(int(i) for i in chunk)
+            start += len(chunk)
+            count -= len(chunk)
+        return out
+
+    def indices(self, step: int, micro: int) -> tuple[list[int], list[int]]:
+        """(indices into the main dataset, indices into the mixed-in one)."""
+        position = step * self.grad_accum + micro
+        main = self._take(self.size, self.seed, 0, position * self.n_main, self.n_main)
+        mixed = (self._take(self.mix_size, self.seed, 1, position * self.n_mix, self.n_mix)
+                 if self.n_mix else [])
+        return main, mixed
+
+
+def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA (the authors' setting); plain float32 on CPU."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.AdamW:
+    params = list(params)
+    if not params:
+        raise UserError("nothing to train: no parameter requires a gradient "
+                        "(check --train and --train-last-layers)")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    method,
+    optimizer: torch.optim.Optimizer,
+    get_batch: Callable[[int, int], dict[str, torch.Tensor]],
+    cfg: LoopConfig,
+    hooks: LoopHooks | None = None,
+    start_step: int = 0,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Train from ``start_step`` to ``cfg.steps``; returns the number of steps done.
+
+    ``get_batch(step, micro)`` returns model inputs (with ``labels``) on ``device``.
+    """
+    hooks = hooks or LoopHooks()
+    device = torch.device(device)
+    autocast = autocast_for(device)
+    trainable = [p for p in method.trainable_parameters()]
+    model.train()
+    step = start_step
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        # -- phase 1: learning rate for this step
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # -- phase 2: forward/backward over the micro-batches (gradient accumulation)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = get_batch(step, micro)
+            with autocast():
+                loss = model(**batch).loss
+            penalty = method.loss_penalty()
+            if penalty is not None:
+                loss = loss + penalty
+            if not torch.isfinite(loss):
+                raise LossNotFinite(
+                    f"loss is not finite at step {step + 1}; try a lower --lr"
+                )
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        # -- phase 3: clip
+        if cfg.clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable
+                                                             if p.grad is not None]))
+        # -- phase 4: the method's hooks around the optimizer step
+        method.before_optimizer_step()
+        optimizer.step()
+        method.after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        # -- phase 5: report; evaluation and checkpoints happen in the hooks
+        hooks.after_step(step, {
+            "step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr,
+            "grad_norm": grad_norm, "seconds": time.perf_counter() - t0,
+        })
+        if hooks.should_stop():
+            break
+    return step
