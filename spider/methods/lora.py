@@ -149,7 +149,8 @@ class Lora(MethodBase):
 
     # ----------------------------------------------------------------- state
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {FINALIZED_KEY: flag(self.finalized), **pack("adapter", self.params)}
+        adapters = {name: p.detach() for name, p in self.params.items()}
+        return {FINALIZED_KEY: flag(self.finalized), **pack("adapter", adapters)}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)

@@ -1,6 +1,6 @@
 """Magnitude mask: pin the largest pre-trained weights of each tensor to ``theta0``.
 
-Why: it is the authors' ``MagnitudeMask`` baseline (SPIDER, ICML 2025, §5), the binary,
+Why: it is the authors' ``MagnitudeMask`` baseline (SPIDER, ICML 2025), the binary,
 gradient-free ablation of SPIDER's pre-training importance ``I = rank(|theta0|)``: if large
 pre-trained weights carry generalisation, freezing them alone should already limit
 forgetting. Comparing it with SPIDER shows what the fine-tuning importance ``G`` adds.

@@ -48,6 +48,7 @@ from spider.methods.base import (
     snapshot,
 )
 
+
 @dataclasses.dataclass
 class SpiderOptions:
     mask: str = dataclasses.field(

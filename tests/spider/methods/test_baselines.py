@@ -96,7 +96,7 @@ def test_l2_penalty_value_and_gradient(harness):
 
     penalty = method.loss_penalty()
     expected = 0.01 * sum(float((d.double() ** 2).mean()) for d in deltas.values())
-    assert float(penalty) == pytest.approx(expected, rel=1e-5)
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-5)
     penalty.backward()
     for name, p in method.params.items():
         delta = p.detach() - theta0[name]

@@ -121,7 +121,7 @@ def test_importances_are_the_ranks():
         p.grad = torch.randn_like(p)
     method.after_optimizer_step()
     imps = method.importances()
-    for name, p in method.params.items():
+    for name in method.params:
         torch.testing.assert_close(imps[name]["pre"], reference_rank(method.theta0[name]),
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(imps[name]["ft"], reference_rank(method.grad_sum[name]),
