@@ -58,10 +58,12 @@ def generate_answers(
                 do_sample=False,
                 use_cache=True,
                 max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             answers += [text.strip() for text in texts]
             if progress is not None:
@@ -114,21 +116,41 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m spider.evaluate",
         description="Answer every question of a dataset with a model and print the scores as JSON.",
     )
-    parser.add_argument("--model", required=True,
-                        help="model directory (saved with save_pretrained: config, weights, processor)")
-    parser.add_argument("--data", required=True,
-                        help="dataset spec: builtin:NAME[:CELL] or a LLaVA-style JSON file")
-    parser.add_argument("--split", default="test", help="split of a built-in dataset (default: test)")
-    parser.add_argument("--limit", type=_positive_int, default=None,
-                        help="evaluate only the first N examples (default: all)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32,
-                        help="examples generated together (default: 32)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=32,
-                        help="longest answer generated, in tokens (default: 32)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available), cpu or cuda (default: auto)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of a built-in dataset's content (default: 0)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory (saved with save_pretrained: config, weights, processor)",
+    )
+    parser.add_argument(
+        "--data", required=True, help="dataset spec: builtin:NAME[:CELL] or a LLaVA-style JSON file"
+    )
+    parser.add_argument(
+        "--split", default="test", help="split of a built-in dataset (default: test)"
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help="evaluate only the first N examples (default: all)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="examples generated together (default: 32)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=32,
+        help="longest answer generated, in tokens (default: 32)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of a built-in dataset's content (default: 0)"
+    )
     return parser
 
 
@@ -146,9 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load_model(resolve_model_path(args.model), device=args.device)
     dataset = load_dataset(args.data, split=args.split, seed=args.seed)
     total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    log(f"evaluating {total} examples of {args.data} ({args.split}) on {next(model.parameters()).device}")
+    log(
+        f"evaluating {total} examples of {args.data} ({args.split}) on {next(model.parameters()).device}"
+    )
     result = evaluate(
-        model, processor, dataset, batch_size=args.batch_size, limit=args.limit,
+        model,
+        processor,
+        dataset,
+        batch_size=args.batch_size,
+        limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         progress=lambda done, n: log(f"  {done}/{n} answered"),
     )

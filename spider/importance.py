@@ -45,9 +45,29 @@ def abs_sums(t: torch.Tensor, abs_out: torch.Tensor | None = None) -> torch.Tens
     # scalars: asking for a float64 sum would convert the whole tensor first.
     flat = t.reshape(-1)
     sum_abs = (flat.abs() if abs_out is None else abs_into(abs_out, t)).sum(dtype=torch.float32)
-    sum_sq = torch.linalg.vector_norm(flat, 2, dtype=torch.float32) ** 2
-    count = torch.tensor(float(flat.numel()), dtype=torch.float32, device=t.device)
-    return torch.stack([count, sum_abs, sum_sq]).double()
+    count = torch.tensor(float(flat.numel()), dtype=torch.float64, device=t.device)
+    return torch.stack([count, sum_abs.double(), _sum_of_squares(flat)])
+
+
+_SQUARES_CHUNK = 1 << 16
+
+
+def _sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
+    """sum(t^2) as a float64 0-dim tensor, without a temporary the size of ``t``.
+
+    ``vector_norm`` accumulates float32 serially and loses accuracy with size (relative
+    error ~1e-3 at 3e7 entries); norms of 64K-entry rows stay accurate and their squares are
+    summed in float64.
+    """
+    n = flat.numel()
+    head = n - n % _SQUARES_CHUNK
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    if head:
+        rows = flat[:head].view(-1, _SQUARES_CHUNK)
+        total = total + (torch.linalg.vector_norm(rows, 2, dim=1).double() ** 2).sum()
+    if head < n:
+        total = total + torch.linalg.vector_norm(flat[head:], 2).double() ** 2
+    return total
 
 
 def abs_into(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ request.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def _check_model_dir(path: Path) -> None:
     except (OSError, ValueError) as err:
         raise UserError(f"could not read '{config_file}' as JSON: {err}.") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None:
+        raise UserError(f"'{config_file}' has no model_type, so the model cannot be recognised.")
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise UserError(
             f"model directory '{path}' is a '{model_type}' model, not an image-text model "
@@ -97,35 +100,52 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
     path = Path(path)
+    target = resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype)
     _check_model_dir(path)
-
+    _check_model_files(path)
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(
-            f"model directory '{path}' has no usable processor files (tokenizer and "
-            f"preprocessor_config.json): {_first_line(err)}"
+            f"could not load the processor of '{path}': {_first_sentence(err)}"
         ) from None
-    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+    if (
+        not isinstance(processor, ProcessorMixin)
+        or getattr(processor, "image_processor", None) is None
+    ):
         raise UserError(
-            f"model directory '{path}' has a tokenizer but no image processor "
-            "(preprocessor_config.json), so images cannot be fed to it."
+            f"model directory '{path}' has a tokenizer but no image processor, so images "
+            "cannot be prepared for it."
         )
-    if getattr(processor, "tokenizer", None) is None:
-        raise UserError(f"model directory '{path}' has no tokenizer files.")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if processor.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise UserError(
+            f"model directory '{path}' has no chat template (chat_template.jinja), which is "
+            "needed to format questions the way the model was trained."
+        )
 
-    kwargs = {}
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, **kwargs
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load model weights from '{path}': {_first_line(err)}") from None
-    model.to(resolve_device(device))
+        raise UserError(f"could not load the model in '{path}': {_first_sentence(err)}") from None
+    model.to(target)
     model.eval()
     return model, processor
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise UserError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16 or float16.")
+    return resolved
 
 
 def resolve_device(device: str) -> torch.device:
@@ -141,9 +161,33 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__).rstrip(".") + "."
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of a library's (often many-sentence) error message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text.split(". ")[0].rstrip(".") + "."
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "tekken.json",
+)
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_model_files(path: Path) -> None:
+    """Name the missing piece of a model directory before ``transformers`` gets to it."""
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"model directory '{path}' has no weights (model.safetensors).")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise UserError(f"model directory '{path}' has no tokenizer files (tokenizer.json).")
+    if not any((path / name).is_file() for name in _IMAGE_PROCESSOR_FILES):
+        raise UserError(
+            f"model directory '{path}' has no image processor files (preprocessor_config.json "
+            "or processor_config.json)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,8 +221,12 @@ def select_trainable(
     first_trained_layer = None
     if last_layers is not None:
         if "llm" not in parts:
-            raise UserError("last_layers narrows the language model, but 'llm' is not a trained part.")
-        llm_layers = {p.layer for p in parsed.values() if p.component == "llm" and p.layer is not None}
+            raise UserError(
+                "last_layers narrows the language model, but 'llm' is not a trained part."
+            )
+        llm_layers = {
+            p.layer for p in parsed.values() if p.component == "llm" and p.layer is not None
+        }
         if isinstance(last_layers, bool) or not isinstance(last_layers, int) or last_layers < 1:
             raise UserError(f"last_layers must be a positive whole number, not {last_layers!r}.")
         if last_layers > len(llm_layers):
@@ -206,8 +254,6 @@ def select_trainable(
 
 def _word_pieces(words: Iterable[str]) -> list[str]:
     """Every token the word-splitting rule makes of ``words``, sorted and unique."""
-    import re
-
     pieces = set(_TEMPLATE_WORDS)
     for word in words:
         pieces.update(re.findall(WORD_PATTERN, str(word).lower()))
@@ -238,7 +284,10 @@ def build_tokenizer(words: Iterable[str]):
     # Whitespace split first, so the regex split below only ever sees non-space runs, where
     # WORD_PATTERN matches every character (no leftover pieces).
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")]
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+        ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
@@ -281,9 +330,9 @@ def build_tiny_llava(
     - projector: LLaVA-1.5's 2-layer GELU MLP, 128 -> 160 -> 160. ~0.05 M.
     - language model: Llama, hidden 160, 4 layers, 4 heads (head dim 40), SwiGLU MLP 448,
       RoPE, untied ``lm_head``, vocabulary = special tokens + ``words``. ~1.3 M with the
-      built-in vocabulary (85 tokens).
+      built-in vocabulary (88 tokens).
 
-    About 2.0 M parameters in all (7.9 MB of float32 safetensors). The processor expands
+    About 1.96 M parameters in all (7.5 MiB of float32 safetensors). The processor expands
     ``<image>`` into exactly 64 image tokens, so a one-line question and answer make ~80-token
     sequences; with the vision tower frozen, forward+backward of 32 such sequences takes
     ~0.15 s on 2 CPU cores. The sizes trade the two goals: big enough to learn to caption

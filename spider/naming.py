@@ -46,18 +46,44 @@ _LLM_ROOTS = {"model", "transformer", "decoder"}
 # Block containers: the integer right after one of these is the layer index.
 _LAYER_CONTAINERS = {"layers", "layer", "blocks", "block", "h", "resblocks"}
 
-_SAME_NAME = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-              "fc1", "fc2", "lm_head"}
+_SAME_NAME = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "lm_head",
+}
 # Other spellings of the same role: CLIP/SigLIP call the attention output ``out_proj``.
 _ALIASES = {"out_proj": "o_proj"}
-_EMBEDDINGS = {"embed_tokens", "patch_embedding", "position_embedding", "class_embedding",
-               "embeddings", "patch_embed", "pos_embed", "wte", "wpe", "word_embeddings"}
+_EMBEDDINGS = {
+    "embed_tokens",
+    "patch_embedding",
+    "position_embedding",
+    "class_embedding",
+    "embeddings",
+    "patch_embed",
+    "pos_embed",
+    "wte",
+    "wpe",
+    "word_embeddings",
+}
 _PROJECTOR_LINEAR = re.compile(r"linear_\d+")
 
 # PEFT wrapping: markers whose own token and the adapter name after it are dropped, and
 # markers dropped alone.
-_PEFT_WITH_ADAPTER = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                      "lora_magnitude_vector", "modules_to_save"}
+_PEFT_WITH_ADAPTER = {
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "modules_to_save",
+}
 _PEFT_ALONE = {"base_layer", "original_module"}
 
 

@@ -39,23 +39,30 @@ def _messages(turns: Sequence[Turn | tuple[str, str]], question: str | None) -> 
     pairs = [(t.human, t.gpt) if isinstance(t, Turn) else (t[0], t[1]) for t in turns]
     messages: list[dict] = []
     for human, gpt in pairs:
-        messages.append({"role": "user", "content": [{"type": "text", "text": _strip_marker(human)}]})
+        messages.append(
+            {"role": "user", "content": [{"type": "text", "text": _strip_marker(human)}]}
+        )
         messages.append({"role": "assistant", "content": [{"type": "text", "text": gpt}]})
     if question is not None:
-        messages.append({"role": "user", "content": [{"type": "text", "text": _strip_marker(question)}]})
+        messages.append(
+            {"role": "user", "content": [{"type": "text", "text": _strip_marker(question)}]}
+        )
     if messages:
         messages[0]["content"].insert(0, {"type": "image"})
     return messages
 
 
 def _render(processor, messages: list[dict], generation_prompt: bool) -> str:
-    if getattr(processor, "chat_template", None) is None:
+    template = getattr(processor, "chat_template", None)
+    if template is None:  # some models keep it with the tokenizer only
+        template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if template is None:
         raise UserError(
             f"the processor ({type(processor).__name__}) has no chat template, so prompts cannot "
             "be formatted; save the model directory with one (chat_template.jinja)."
         )
     return processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
@@ -77,22 +84,35 @@ def _segments(processor, example: Example) -> list[tuple[str, bool]]:
     for i, turn in enumerate(turns):
         asked = prompt_text(processor, turns[:i], turn.human)
         answered = _render(processor, _messages(turns[: i + 1], None), generation_prompt=False)
-        if not (asked.startswith(full[:done]) and answered.startswith(asked) and full.startswith(answered)):
+        if not (
+            asked.startswith(full[:done])
+            and answered.startswith(asked)
+            and full.startswith(answered)
+        ):
             raise UserError(
                 f"example '{example.id}': the chat template renders earlier turns differently "
                 "once later ones follow, so answers cannot be located for training."
             )
         segments.append((asked[done:], False))
-        segments.append((answered[len(asked):], True))
+        segments.append((answered[len(asked) :], True))
         done = len(answered)
     return segments
+
+
+def _check_batch(examples: Sequence[Example]) -> None:
+    if not examples:
+        raise UserError("cannot collate an empty batch of examples.")
+    for example in examples:
+        _check_image(example)
 
 
 def _check_image(example: Example) -> None:
     from PIL import Image
 
     if not isinstance(example.image, Image.Image):
-        raise UserError(f"example '{example.id}': image is a {type(example.image).__name__}, not a PIL image.")
+        raise UserError(
+            f"example '{example.id}': image is a {type(example.image).__name__}, not a PIL image."
+        )
     if example.image.mode != "RGB":
         raise UserError(
             f"example '{example.id}': image has mode '{example.image.mode}', but the processor "
@@ -107,13 +127,14 @@ def _process(processor, examples: Sequence[Example], prompts: list[str], **kwarg
     images = [ex.image for ex in examples]
     try:
         return processor(text=prompts, images=images, return_tensors="pt", **kwargs)
-    except Exception:  # noqa: BLE001 - re-raised below with the culprit's id
+    except Exception:  # any processor failure: find which example caused it
         for example, prompt in zip(examples, prompts):
             try:
                 processor(text=[prompt], images=[example.image], return_tensors="pt")
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
+                reason = " ".join(str(err).split()) or type(err).__name__
                 raise UserError(
-                    f"example '{example.id}': the processor could not take it ({err})."
+                    f"example '{example.id}': the processor could not take it ({reason})."
                 ) from None
         raise
 
@@ -138,7 +159,9 @@ class TrainCollator:
         self.max_length = max_length
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+            self.pad_id = (
+                self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+            )
         self.eos_id = self.tokenizer.eos_token_id
 
     def _answer_ids(self, text: str) -> list[int]:
@@ -148,8 +171,7 @@ class TrainCollator:
         return ids
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        for example in examples:
-            _check_image(example)
+        _check_batch(examples)
         segments = [_segments(self.processor, ex) for ex in examples]
         encoded = _process(
             self.processor, examples, [segs[0][0] for segs in segments], padding=True
@@ -203,8 +225,9 @@ class GenerationCollator:
         self.processor = processor
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        for example in examples:
-            _check_image(example)
-        prompts = [prompt_text(self.processor, ex.turns[:-1], ex.turns[-1].human) for ex in examples]
+        _check_batch(examples)
+        prompts = [
+            prompt_text(self.processor, ex.turns[:-1], ex.turns[-1].human) for ex in examples
+        ]
         encoded = _process(self.processor, examples, prompts, padding=True, padding_side="left")
         return dict(encoded)

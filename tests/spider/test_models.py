@@ -1,0 +1,345 @@
+"""The tiny LLaVA builder, load_model's offline loading and errors, select_trainable."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from spider.errors import UserError
+from spider.models import (
+    WORD_PATTERN,
+    build_tiny_llava,
+    load_model,
+    resolve_model_path,
+    select_trainable,
+)
+from spider.naming import parse_param_name
+
+# A vocabulary like the built-in datasets' (kept here so these tests stand alone).
+WORDS = (
+    "a an the and is there of in at top bottom left right middle , . ? what which how many "
+    "color shape digit describe image this sum two digits red green blue yellow orange purple "
+    "circle circles square squares triangle triangles zero one two three four five six seven "
+    "eight nine ten 0 1 2 3 4 5 6 7 8 9"
+).split()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, object, object]:
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llava"
+    model, processor = build_tiny_llava(WORDS, out, seed=1)
+    return out, model, processor
+
+
+def _image(color=(200, 30, 30)) -> Image.Image:
+    image = Image.new("RGB", (48, 48), (245, 245, 245))
+    image.paste(color, (10, 10, 30, 30))
+    return image
+
+
+# ---------------------------------------------------------------------------- build + save
+
+
+def test_saved_directory_loads_offline_with_auto_classes_and_gives_the_same_logits(
+    saved, monkeypatch
+):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, model, processor = saved
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
+    loaded_processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+
+    text = "USER: <image>\nwhat color is the square? ASSISTANT: red"
+    inputs = processor(text=[text], images=[_image()], return_tensors="pt")
+    inputs_again = loaded_processor(text=[text], images=[_image()], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], inputs_again["input_ids"])
+    assert torch.allclose(inputs["pixel_values"], inputs_again["pixel_values"])
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        got = loaded.eval()(**inputs_again).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+
+
+def test_saved_directory_is_small_and_holds_no_pickle(saved):
+    out, _, _ = saved
+    files = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert "model.safetensors" in files
+    assert not [n for n in files if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert sum(files.values()) <= 20 * 2**20
+
+
+def test_default_size_is_a_few_million_parameters(saved):
+    _, model, _ = saved
+    count = sum(p.numel() for p in model.parameters())
+    assert 1.8e6 <= count <= 5e6
+    config = model.config
+    assert config.vision_config.image_size == 48 and config.vision_config.patch_size == 6
+    assert config.vision_feature_layer == -1
+
+
+def test_same_seed_same_weights():
+    a, _ = build_tiny_llava(
+        ["red"], seed=3, text_hidden=32, text_layers=1, vision_hidden=32, vision_layers=1
+    )
+    b, _ = build_tiny_llava(
+        ["red"], seed=3, text_hidden=32, text_layers=1, vision_hidden=32, vision_layers=1
+    )
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_words(saved):
+    _, _, processor = saved
+    tok = processor.tokenizer
+    text = "a red circle in the top left, a blue square at the bottom and 3 digits."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids) == re.findall(WORD_PATTERN, text)
+    assert tok.decode(ids) == text
+    assert tok.decode(tok(text.upper())["input_ids"], skip_special_tokens=True) == text
+
+
+def test_tokenizer_special_tokens(saved):
+    _, _, processor = saved
+    tok = processor.tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t in ("<pad>", "<unk>", "<s>", "</s>", "<image>")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 2, 3)
+    assert tok("red")["input_ids"] == [2, tok.convert_tokens_to_ids("red")]  # <s> in front
+    assert tok("zebra", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
+    assert tok("<image>\nred</s>", add_special_tokens=False)["input_ids"] == [
+        4,
+        tok.convert_tokens_to_ids("red"),
+        3,
+    ]
+
+
+def test_tokenizer_splits_like_spider_data():
+    data = pytest.importorskip("spider.data")
+    if not hasattr(data, "vocabulary") or not hasattr(data, "split_words"):
+        pytest.skip("spider.data has no vocabulary/split_words yet")
+    _, processor = build_tiny_llava(data.vocabulary(), text_layers=1, vision_layers=1)
+    tok = processor.tokenizer
+    for text in [
+        "<image>\nWhat shape is red?",
+        "a red circle, and two blue squares.",
+        "How many? 12",
+    ]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == data.split_words(text)
+    ids = tok(" ".join(data.vocabulary()), add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+
+
+# ---------------------------------------------------------------------------- processor
+
+
+def test_image_marker_expands_into_one_token_per_patch(saved):
+    _, model, processor = saved
+    inputs = processor(
+        text=["USER: <image>\nwhat digit is this? ASSISTANT:"],
+        images=[_image()],
+        return_tensors="pt",
+    )
+    assert int((inputs["input_ids"] == 4).sum()) == (48 // 6) ** 2 == 64
+    assert inputs["pixel_values"].shape == (1, 3, 48, 48)
+    with torch.no_grad():
+        model(**inputs)  # the model agrees: as many image features as image tokens
+
+
+def test_other_image_sizes_are_resized_not_cropped(saved):
+    _, _, processor = saved
+    wide = Image.new("RGB", (96, 48), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 10, 48))  # a white stripe on the far left survives
+    pixels = processor.image_processor(wide, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 48, 48)
+    assert pixels[0, :, :, 0].mean() > pixels[0, :, :, -1].mean()
+
+
+def test_chat_template_has_a_generation_prompt(saved):
+    _, _, processor = saved
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What digit is this?"}],
+        }
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nWhat digit is this?\nASSISTANT:"
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": "seven"}]})
+    assert processor.apply_chat_template(messages).startswith(prompt + " seven</s>")
+
+
+# ---------------------------------------------------------------------------- load_model
+
+
+def test_load_model_loads_a_saved_directory(saved):
+    out, _, _ = saved
+    model, processor = load_model(resolve_model_path(out), device="cpu")
+    assert not model.training
+    assert next(model.parameters()).device.type == "cpu"
+    assert processor.tokenizer.convert_tokens_to_ids("red") != processor.tokenizer.unk_token_id
+    model16, _ = load_model(out, dtype="bfloat16")
+    assert next(model16.parameters()).dtype == torch.bfloat16
+
+
+def _copy_without(out: Path, dest: Path, drop: set[str]) -> Path:
+    shutil.copytree(out, dest)
+    for name in drop:
+        (dest / name).unlink()
+    return dest
+
+
+def test_load_model_errors_name_the_path(saved, tmp_path):
+    from transformers import LlamaConfig
+
+    out, _, _ = saved
+    cases = {}
+    cases["missing"] = tmp_path / "nowhere"
+    cases["file"] = tmp_path / "weights.txt"
+    cases["file"].write_text("not a model")
+    cases["no-config"] = tmp_path / "empty"
+    cases["no-config"].mkdir()
+    cases["llama"] = tmp_path / "llama"
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        cases["llama"]
+    )
+    cases["bad-json"] = tmp_path / "bad-json"
+    cases["bad-json"].mkdir()
+    (cases["bad-json"] / "config.json").write_text("{not json")
+    cases["no-processor"] = _copy_without(
+        out,
+        tmp_path / "no-processor",
+        {"processor_config.json", "tokenizer.json", "tokenizer_config.json"},
+    )
+    cases["no-image-processor"] = _copy_without(
+        out, tmp_path / "no-image-processor", {"processor_config.json"}
+    )
+    cases["no-weights"] = _copy_without(out, tmp_path / "no-weights", {"model.safetensors"})
+    cases["no-template"] = _copy_without(out, tmp_path / "no-template", {"chat_template.jinja"})
+
+    messages = {}
+    for case, path in cases.items():
+        with pytest.raises(UserError) as err:
+            load_model(path)
+        messages[case] = str(err.value)
+        assert str(path) in messages[case], case
+        assert "\n" not in messages[case], case
+    assert "does not exist" in messages["missing"]
+    assert "no config.json" in messages["no-config"]
+    assert "is a 'llama' model, not an image-text model (LLaVA-style)" in messages["llama"]
+    assert "no tokenizer files" in messages["no-processor"]
+    assert "no image processor files" in messages["no-image-processor"]
+    assert "no weights" in messages["no-weights"]
+    assert "no chat template" in messages["no-template"]
+
+
+def test_unknown_device_or_dtype_is_a_user_error(saved):
+    out, _, _ = saved
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        load_model(out, device="tpu")
+    with pytest.raises(UserError, match="unknown dtype 'float13'"):
+        load_model(out, dtype="float13")
+
+
+# ---------------------------------------------------------------------------- select_trainable
+
+
+def _numel(model, predicate) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if predicate(parse_param_name(n)))
+
+
+def test_select_trainable_default_freezes_the_vision_tower(saved):
+    _, model, _ = saved
+    summary = select_trainable(model)
+    vision = _numel(model, lambda p: p.component == "vision")
+    assert summary["vision"] == {"trainable": 0, "frozen": vision}
+    assert summary["llm"] == {
+        "trainable": _numel(model, lambda p: p.component == "llm"),
+        "frozen": 0,
+    }
+    assert summary["projector"]["frozen"] == 0 and summary["projector"]["trainable"] > 0
+    total = sum(p.numel() for p in model.parameters())
+    assert summary["total"] == {"trainable": total - vision, "frozen": vision}
+    for name, param in model.named_parameters():
+        assert param.requires_grad == (parse_param_name(name).component != "vision"), name
+
+
+def test_select_trainable_parts_and_last_layers(saved):
+    _, model, _ = saved
+    summary = select_trainable(model, parts=["vision"])
+    assert summary["total"]["trainable"] == summary["vision"]["trainable"] > 0
+    assert summary["llm"]["trainable"] == summary["projector"]["trainable"] == 0
+
+    summary = select_trainable(model, parts=("llm", "projector"), last_layers=1)
+    last = model.config.text_config.num_hidden_layers - 1
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {
+        n
+        for n, _ in model.named_parameters()
+        if parse_param_name(n).component == "projector"
+        or (parse_param_name(n).component == "llm" and parse_param_name(n).layer == last)
+    }
+    assert summary["llm"]["trainable"] == _numel(
+        model, lambda p: p.component == "llm" and p.layer == last
+    )
+    assert (
+        "lm_head.weight" not in trained
+        and "model.language_model.embed_tokens.weight" not in trained
+    )
+    select_trainable(model)  # leave the shared fixture as found
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(parts=("llm", "text")), "unknown trainable part 'text'"),
+        (dict(last_layers=99), "only 4 layers"),
+        (dict(last_layers=0), "positive whole number"),
+        (dict(parts=("projector",), last_layers=1), "'llm' is not a trained part"),
+    ],
+)
+def test_select_trainable_rejects_bad_requests(saved, kwargs, message):
+    _, model, _ = saved
+    with pytest.raises(UserError, match=re.escape(message)):
+        select_trainable(model, **kwargs)
+
+
+# ---------------------------------------------------------------------------- speed
+
+
+@pytest.mark.slow
+def test_training_step_is_fast_on_cpu(saved):
+    """Batch 32 x ~80 tokens, vision frozen: forward+backward well under a second on 2 cores."""
+    _, model, processor = saved
+    select_trainable(model)
+    ids = torch.randint(5, len(processor.tokenizer), (32, 80))
+    ids[:, 1:65] = 4
+    labels = ids.clone()
+    labels[:, :66] = -100
+    pixels = torch.randn(32, 3, 48, 48)
+    model.train()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad()
+    model.eval()
+    assert min(times) < 0.5
