@@ -48,10 +48,11 @@ class _Progress(LoopHooks):
 
 
 def pretrain(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
-             eval_limit: int | None, train_size: int) -> dict:
+             eval_limit: int | None, train_size: int, patch_size: int = 8) -> dict:
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    model, processor = build_tiny_llava(vocabulary(), image_size=IMAGE_SIZE, seed=seed)
+    model, processor = build_tiny_llava(vocabulary(), image_size=IMAGE_SIZE,
+                                        patch_size=patch_size, seed=seed)
     model.to(dev)
     method = build_method("full", model)  # every part trains during pre-training
     train = load_dataset("builtin:upstream", "train", seed=seed, size=train_size)
@@ -140,13 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--train-size", type=int, default=20000,
                         help="examples generated for the training split")
+    parser.add_argument("--patch-size", type=int, default=8,
+                        help="vision patch size in pixels (48x48 images: 8 gives 36 image tokens)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate on only the first N test examples")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
     facts = pretrain(args.output_dir, args.steps, args.batch_size, args.lr, args.seed,
-                     args.device, args.eval_limit, args.train_size)
+                     args.device, args.eval_limit, args.train_size, args.patch_size)
     print(json.dumps({"output_dir": str(args.output_dir), **facts["upstream_test"],
                       "train_seconds": facts["train_seconds"]}))
 

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from spider.methods.base import check_state_tensors
+from spider.methods.base import MethodBase, check_state_tensors, snapshot
 
 FINALIZED_KEY = "finalized"
 
@@ -150,3 +150,50 @@ def take_flag(tensors: dict[str, torch.Tensor], key: str = FINALIZED_KEY) -> boo
 def reject_leftovers(tensors: dict[str, torch.Tensor], method: str) -> None:
     if tensors:
         raise ValueError(f"unknown tensor '{sorted(tensors)[0]}' in the state of method '{method}'")
+
+
+class SparsePatchMethod(MethodBase):
+    """Shared by the post-hoc methods that keep a sparse patch of the delta (DARE, Tailor).
+
+    They train like full fine-tuning; ``finalize`` chooses, per tensor, which delta entries
+    to keep (``self.kept``) and reverts the rest to theta0. Before ``finalize`` the masks are
+    all ones, after it they are the kept sets. Subclasses implement ``finalize`` and list any
+    further state tensors in ``state_groups``.
+    """
+
+    def __init__(self, model, options=None):
+        super().__init__(model, options)
+        self.theta0 = snapshot(self.params)
+        self.kept: dict[str, torch.Tensor] = {}
+        self.finalized = False
+
+    def state_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Groups of state tensors besides theta0 and the kept masks (e.g. the Fisher sums)."""
+        return {}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        if not self.finalized:
+            return super().masks()
+        return {name: keep.float() for name, keep in self.kept.items()}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        state = {FINALIZED_KEY: flag(self.finalized), **pack("theta0", self.theta0)}
+        for group, tensors in self.state_groups().items():
+            state.update(pack(group, tensors))
+        state.update(pack("kept", self.kept))
+        return state
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        finalized = take_flag(tensors)
+        load_group(self.theta0, take_group(tensors, "theta0"), "theta0")
+        for group, targets in self.state_groups().items():
+            load_group(targets, take_group(tensors, group), group)
+        kept = take_group(tensors, "kept")
+        if finalized:
+            self.kept = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in self.theta0.items()}
+            load_group(self.kept, kept, "kept")
+        elif kept:
+            raise ValueError("state has 'kept' masks but is not finalized")
+        reject_leftovers(tensors, self.name)
+        self.finalized = finalized

@@ -21,23 +21,12 @@ a second call, or one after resuming a finalized state, does nothing.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import nn
 
-from spider.methods._baseline_utils import (
-    FINALIZED_KEY,
-    flag,
-    load_group,
-    number_option,
-    pack,
-    reject_leftovers,
-    take_flag,
-    take_group,
-    tensor_generator,
-)
-from spider.methods.base import MethodBase, register, snapshot
+from spider.methods._baseline_utils import SparsePatchMethod, number_option, tensor_generator
+from spider.methods.base import register
 
 
 @dataclasses.dataclass
@@ -54,7 +43,7 @@ class DareOptions:
 
 
 @register("dare")
-class Dare(MethodBase):
+class Dare(SparsePatchMethod):
     """Full fine-tuning, then drop each delta entry with ``p_drop`` and rescale the kept ones.
 
     Attributes:
@@ -67,12 +56,6 @@ class Dare(MethodBase):
         "Post-hoc: trains like full fine-tuning, then drops each weight change with "
         "probability p_drop and rescales the kept ones by 1/(1-p_drop)."
     )
-
-    def __init__(self, model: nn.Module, options: Any | None = None):
-        super().__init__(model, options)
-        self.theta0 = snapshot(self.params)
-        self.kept: dict[str, torch.Tensor] = {}
-        self.finalized = False
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -87,29 +70,3 @@ class Dare(MethodBase):
             p.copy_(torch.where(keep, rescaled.to(p.dtype), theta0))
             self.kept[name] = keep
         self.finalized = True
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        if not self.finalized:
-            return super().masks()
-        return {name: keep.float() for name, keep in self.kept.items()}
-
-    # ----------------------------------------------------------------- state
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {
-            FINALIZED_KEY: flag(self.finalized),
-            **pack("theta0", self.theta0),
-            **pack("kept", self.kept),
-        }
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = dict(tensors)
-        finalized = take_flag(tensors)
-        load_group(self.theta0, take_group(tensors, "theta0"), "theta0")
-        kept = take_group(tensors, "kept")
-        if finalized:
-            self.kept = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in self.theta0.items()}
-            load_group(self.kept, kept, "kept")
-        elif kept:
-            raise ValueError("state has 'kept' masks but is not finalized")
-        reject_leftovers(tensors, self.name)
-        self.finalized = finalized

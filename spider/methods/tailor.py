@@ -28,18 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from spider.methods._baseline_utils import (
-    FINALIZED_KEY,
-    flag,
-    load_group,
-    number_option,
-    pack,
-    reject_leftovers,
-    take_flag,
-    take_group,
-    top_fraction,
-)
-from spider.methods.base import MethodBase, choice, register, snapshot
+from spider.methods._baseline_utils import SparsePatchMethod, number_option, top_fraction
+from spider.methods.base import choice, register
 
 PAPER_COVERAGE = """\
 In: the sparse "model patch" — a fixed fraction of each tensor's fine-tuning delta, chosen by
@@ -76,7 +66,7 @@ class TailorOptions:
 
 
 @register("tailor")
-class ModelTailor(MethodBase):
+class ModelTailor(SparsePatchMethod):
     """Full fine-tuning, then keep only the top ``keep_ratio`` of each delta by salience.
 
     A simplified Model Tailor: the sparse patch is chosen as in the paper's spirit
@@ -99,14 +89,11 @@ class ModelTailor(MethodBase):
 
     def __init__(self, model: nn.Module, options: Any | None = None):
         super().__init__(model, options)
-        self.theta0 = snapshot(self.params)
         self.fisher: dict[str, torch.Tensor] = {}
         if self.options.score == "salience":
             self.fisher = {
                 name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()
             }
-        self.kept: dict[str, torch.Tensor] = {}
-        self.finalized = False
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -139,30 +126,5 @@ class ModelTailor(MethodBase):
             self.kept[name] = keep
         self.finalized = True
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        if not self.finalized:
-            return super().masks()
-        return {name: keep.float() for name, keep in self.kept.items()}
-
-    # ----------------------------------------------------------------- state
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {
-            FINALIZED_KEY: flag(self.finalized),
-            **pack("theta0", self.theta0),
-            **pack("fisher", self.fisher),
-            **pack("kept", self.kept),
-        }
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = dict(tensors)
-        finalized = take_flag(tensors)
-        load_group(self.theta0, take_group(tensors, "theta0"), "theta0")
-        load_group(self.fisher, take_group(tensors, "fisher"), "fisher")
-        kept = take_group(tensors, "kept")
-        if finalized:
-            self.kept = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in self.theta0.items()}
-            load_group(self.kept, kept, "kept")
-        elif kept:
-            raise ValueError("state has 'kept' masks but is not finalized")
-        reject_leftovers(tensors, self.name)
-        self.finalized = finalized
+    def state_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"fisher": self.fisher}

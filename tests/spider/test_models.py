@@ -326,7 +326,11 @@ def test_select_trainable_rejects_bad_requests(saved, kwargs, message):
 
 @pytest.mark.slow
 def test_training_step_is_fast_on_cpu(saved):
-    """Batch 32 x ~80 tokens, vision frozen: forward+backward well under a second on 2 cores."""
+    """Batch 32 x 80 tokens, vision frozen: ~0.15 s on 2 idle cores, ~0.27 s on one.
+
+    Timed on one thread, which a busy machine slows far less than two, with a bound loose
+    enough for a shared machine yet tight enough to catch a model grown several times over.
+    """
     _, model, processor = saved
     select_trainable(model)
     ids = torch.randint(5, len(processor.tokenizer), (32, 80))
@@ -334,12 +338,17 @@ def test_training_step_is_fast_on_cpu(saved):
     labels = ids.clone()
     labels[:, :66] = -100
     pixels = torch.randn(32, 3, 48, 48)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model.train()
     times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad()
-    model.eval()
-    assert min(times) < 0.5
+    try:
+        for _ in range(5):
+            start = time.perf_counter()
+            model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
+            times.append(time.perf_counter() - start)
+            model.zero_grad()
+    finally:
+        model.eval()
+        torch.set_num_threads(threads)
+    assert min(times) < 1.5
