@@ -7,6 +7,7 @@ of a traceback; library callers get an ordinary exception (it subclasses ``Value
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -34,3 +35,14 @@ def cli_main(func: F) -> F:
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (``--limit``, ``--batch-size``): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, not {value}")
+    return value

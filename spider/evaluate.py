@@ -18,7 +18,7 @@ import torch
 
 from spider.data.collate import GenerationCollator
 from spider.data.records import Example
-from spider.errors import UserError, cli_main
+from spider.errors import UserError, cli_main, positive_int
 
 
 @torch.no_grad()
@@ -101,16 +101,6 @@ def evaluate(
     return result
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, not {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m spider.evaluate",
@@ -129,19 +119,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--limit",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="evaluate only the first N examples (default: all)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=32,
         help="examples generated together (default: 32)",
     )
     parser.add_argument(
         "--max-new-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=32,
         help="longest answer generated, in tokens (default: 32)",
     )

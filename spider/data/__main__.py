@@ -13,17 +13,7 @@ from __future__ import annotations
 import argparse
 
 from spider.data import builtin_names, cells, load_dataset, write_llava_json
-from spider.errors import UserError, cli_main
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
+from spider.errors import UserError, cli_main, positive_int
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,13 +33,13 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print a few examples")
     common(show)
-    show.add_argument("--n", type=_positive, default=5,
+    show.add_argument("--n", type=positive_int, default=5,
                       help="how many examples to print (default: 5)")  # fmt: skip
 
     export = sub.add_parser("export", help="write DIR/data.json and DIR/images/*.png")
     common(export)
     export.add_argument("dir", help="output folder (created if missing)")
-    export.add_argument("--limit", type=_positive, default=None,
+    export.add_argument("--limit", type=positive_int, default=None,
                         help="write only the first N examples (default: the whole split)")  # fmt: skip
     export.add_argument("--force", action="store_true",
                         help="overwrite an existing DIR/data.json")  # fmt: skip
