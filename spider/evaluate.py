@@ -149,13 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m spider.evaluate``."""
     args = _parser().parse_args(argv)
     from spider.data import load_dataset
-    from spider.models import load_model, resolve_model_path
+    from spider.models import load_model
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     log(f"loading model {args.model}")
-    model, processor = load_model(resolve_model_path(args.model), device=args.device)
+    model, processor = load_model(args.model, device=args.device)
     dataset = load_dataset(args.data, split=args.split, seed=args.seed)
     total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     log(

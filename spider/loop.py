@@ -103,8 +103,11 @@ def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContex
     return contextlib.nullcontext
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.AdamW:
-    params = list(params)
+def make_optimizer(params: Sequence[torch.nn.Parameter] | Sequence[dict], cfg: LoopConfig
+                   ) -> torch.optim.AdamW:
+    """AdamW over ``params``: tensors, or param-group dicts; a group's ``lr_scale`` multiplies
+    the scheduled learning rate for it (e.g. a gentler rate for a vision tower)."""
+    params = [g for g in params if not isinstance(g, dict) or g["params"]]
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient "
                         "(check --train and --train-last-layers)")
@@ -136,7 +139,7 @@ def train_loop(
         # -- phase 1: learning rate for this step
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # -- phase 2: forward/backward over the micro-batches (gradient accumulation)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):

@@ -271,18 +271,20 @@ def score_predictions(examples: Sequence[Example], predictions: Sequence[str]) -
     * ``"exact"``: accuracy of :func:`exact_match` against ``references``; value and score
       are the same number in [0, 1];
     * ``"cider"``: :func:`cider_d` over that task's examples only (so idf comes from that
-      task's references); value is the raw CIDEr-D in [0, 10], score is
-      ``min(value / 10, 1)``. Dividing by 10 maps a perfect caption (equal to its single
-      reference, >= 4 words) to exactly 1, because CIDEr-D's final ``* 10`` puts it at 10
-      and no example can score higher (see :func:`cider_d`). The ``min`` only guards
-      against rounding.
+      task's references); value is the raw CIDEr-D in [0, 10]; ``ceiling`` is the CIDEr-D
+      the data's own captions earn (each example's first reference scored against all its
+      references, same idf), and score is ``min(value / ceiling, 1)``: 1 means "as good as
+      the reference caption". With one reference per example of >= 4 words the ceiling is
+      10 (see :func:`cider_d`), the usual ``value / 10``; with paraphrased references it is
+      lower (8.45 on ``builtin:upstream``'s test split), and a perfect answer still maps
+      to 1 instead of being capped by the references' disagreement with each other.
 
     The overall ``score`` is the mean of the task scores, so a task with few examples
     counts as much as a big one (a 10-example caption task is not drowned by 1,000 digit
     questions).
 
     Returns ``{"score": float, "n": int, "tasks": {task: {"metric": "accuracy" | "cider_d",
-    "value": float, "score": float, "n": int}}}``, tasks in order of first appearance.
+    "value": float, "score": float, "n": int[, "ceiling": float]}}}``, tasks in order of first appearance.
     Raises ``ValueError`` if the lengths differ, there is nothing to score, a metric is
     unknown, or a task mixes metrics.
     """
@@ -315,13 +317,16 @@ def score_predictions(examples: Sequence[Example], predictions: Sequence[str]) -
             score = value
         else:
             value, _ = cider_d(preds, refs)
-            score = min(value / CIDER_MAX, 1.0)
+            ceiling, _ = cider_d([r[0] for r in refs], refs)
+            score = min(value / ceiling, 1.0) if ceiling > 0 else 0.0
         tasks[task] = {
             "metric": METRIC_NAMES[metric],
             "value": value,
             "score": score,
             "n": len(indices),
         }
+        if metric == "cider":
+            tasks[task]["ceiling"] = ceiling
 
     overall = float(np.mean([entry["score"] for entry in tasks.values()]))
     return {"score": overall, "n": len(examples), "tasks": tasks}

@@ -17,6 +17,13 @@ import torch
 
 from spider.errors import UserError
 from spider.naming import parse_param_name
+from spider.rundir import (
+    WEIGHTS_GROUP,
+    base_model_dir,
+    checkpoint_run,
+    is_checkpoint,
+    read_group,
+)
 
 COMPONENTS = ("vision", "projector", "llm", "other")
 TRAINABLE_PARTS = ("vision", "projector", "llm")
@@ -27,15 +34,17 @@ WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 
-# The tiny model's chat format. ``<image>`` comes first in the first user message; answers end
-# with ``</s>`` so a trained model learns to stop. A generation prompt ends in "ASSISTANT:".
+# The tiny model's chat format. ``<image>`` follows the question in the first user message, so
+# the image tokens can already see what is asked: from scratch, a tiny model learns to look up
+# "the blue shape" far sooner this way than with the image first. Answers end with ``</s>`` so
+# a trained model learns to stop. A generation prompt ends in "ASSISTANT:".
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '\\n' }}<image>{% endif %}{% endfor %}"
     "{% endif %}{{ '\\n' }}"
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -54,12 +63,30 @@ _TEMPLATE_WORDS = ("user", "assistant", ":")
 
 
 def resolve_model_path(path: str | Path) -> str:
-    """Map what a person passed as ``--model`` to a model directory.
-
-    Today that is the path itself; run checkpoints (``RUN/checkpoints/step-N``) will be
-    resolved here, so every entry point accepts them once this learns how.
-    """
+    """The model directory behind what a person passed as ``--model``: the path itself, or
+    for a run checkpoint (``RUN/checkpoints/step-N``) the run's base model directory."""
+    if is_checkpoint(path):
+        return str(base_model_dir(checkpoint_run(path)))
     return str(path)
+
+
+def _overlay_checkpoint(model, checkpoint: Path) -> None:
+    """Copy a run checkpoint's trained tensors onto its freshly loaded base model."""
+    weights = read_group(checkpoint, WEIGHTS_GROUP)
+    state = model.state_dict()
+    unknown = sorted(set(weights) - set(state))
+    if unknown:
+        raise UserError(f"checkpoint {checkpoint} holds tensors its base model lacks "
+                        f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
+                        "was the base model replaced?")
+    for name, tensor in weights.items():
+        if tensor.shape != state[name].shape:
+            raise UserError(f"checkpoint {checkpoint}: tensor {name} has shape "
+                            f"{tuple(tensor.shape)} but the base model's is "
+                            f"{tuple(state[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            state[name].copy_(tensor)  # state_dict tensors share storage with the parameters
 
 
 def _check_model_dir(path: Path) -> None:
@@ -91,7 +118,9 @@ def _check_model_dir(path: Path) -> None:
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None):
-    """Load ``(model, processor)`` from a local image-text-to-text directory.
+    """Load ``(model, processor)`` from a local image-text-to-text directory, or from a run
+    checkpoint ``RUN/checkpoints/step-N`` (the run's base model with the checkpoint's trained
+    tensors copied in).
 
     ``device`` is ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when available); ``dtype``
     a ``torch.dtype`` or its name (``"bfloat16"``), ``None`` for the checkpoint's own. The model
@@ -99,7 +128,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
-    path = Path(path)
+    checkpoint = Path(path) if is_checkpoint(path) else None
+    path = Path(resolve_model_path(path))
     target = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype)
     _check_model_dir(path)
@@ -134,6 +164,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the model in '{path}': {_first_sentence(err)}") from None
+    if checkpoint is not None:
+        _overlay_checkpoint(model, checkpoint)
     model.to(target)
     model.eval()
     return model, processor
@@ -312,7 +344,7 @@ def build_tiny_llava(
     out_dir: str | Path | None = None,
     *,
     image_size: int = 48,
-    patch_size: int = 6,
+    patch_size: int = 16,
     vision_hidden: int = 128,
     vision_layers: int = 3,
     text_hidden: int = 160,
@@ -323,20 +355,20 @@ def build_tiny_llava(
 
     Architecture (defaults), a standard ``LlavaForConditionalGeneration``:
 
-    - vision: CLIP ViT, 48x48 input, 6x6 patches -> 8x8 = 64 patch tokens (+ CLS, dropped by
-      ``vision_feature_select_strategy="default"``), hidden 128, 3 layers, 4 heads, MLP 512;
-      features from the last layer (``vision_feature_layer=-1``, so no layer is dead weight).
-      ~0.62 M parameters.
+    - vision: CLIP ViT, 48x48 input, 16x16 patches -> 3x3 = 9 patch tokens, one per cell of
+      the built-in scenes' grid (+ CLS, dropped by ``vision_feature_select_strategy=
+      "default"``), hidden 128, 3 layers, 4 heads, MLP 512; features from the last layer
+      (``vision_feature_layer=-1``, so no layer is dead weight). ~0.69 M parameters.
     - projector: LLaVA-1.5's 2-layer GELU MLP, 128 -> 160 -> 160. ~0.05 M.
     - language model: Llama, hidden 160, 4 layers, 4 heads (head dim 40), SwiGLU MLP 448,
       RoPE, untied ``lm_head``, vocabulary = special tokens + ``words``. ~1.3 M with the
       built-in vocabulary (88 tokens).
 
-    About 1.96 M parameters in all (7.5 MiB of float32 safetensors). The processor expands
-    ``<image>`` into exactly 64 image tokens, so a one-line question and answer make ~80-token
-    sequences; with the vision tower frozen, forward+backward of 32 such sequences takes
-    ~0.15 s on 2 CPU cores. The sizes trade the two goals: big enough to learn to caption
-    shape scenes and name digits, small enough to fine-tune many times on a laptop.
+    About 2.04 M parameters in all (7.8 MiB of float32 safetensors). The processor expands
+    ``<image>`` into 9 image tokens, so a question and a caption make ~40-token sequences;
+    a training step on 32 of them (everything trainable) takes ~0.11 s on 2 CPU cores. The
+    sizes trade the two goals: big enough to caption shape scenes and name digits, small
+    enough to fine-tune many times on a laptop.
     Weights are random (seeded by ``seed``); pre-training is someone else's job. Saved with
     ``save_pretrained`` (safetensors, never pickle) so the Auto classes load ``out_dir``
     offline.

@@ -38,6 +38,10 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_META = "meta.json"
 STEP_PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
+# Checkpoint group with the model's trained tensors, named as in the base model's state_dict
+# and holding their effective values at that step (LoRA merged in): base model + this group
+# = the fine-tuned model.
+WEIGHTS_GROUP = "weights"
 
 
 # ------------------------------------------------------------------------- atomic writes
@@ -231,3 +235,31 @@ def iter_group(path: str | Path, group: str, names: Iterable[str] | None = None
     except Exception as err:  # safetensors raises several kinds for a damaged file
         raise UserError(f"checkpoint file {file} is damaged or not safetensors "
                         f"({str(err).splitlines()[0][:120]})") from None
+
+
+# ------------------------------------------------------------------------- model references
+def model_reference(model_dir: str | Path, run_dir: str | Path) -> dict:
+    """How run.json names its base model: absolute, and relative to the run folder so a run
+    copied together with its base model (the bundled samples) still finds it."""
+    model_dir = Path(model_dir).resolve()
+    return {"path": str(model_dir),
+            "relative": os.path.relpath(model_dir, Path(run_dir).resolve())}
+
+
+def base_model_dir(run: RunDir) -> Path:
+    """The base model directory a run was trained from (see :func:`model_reference`)."""
+    info = run.read_run()
+    ref = info.get("model")
+    if not isinstance(ref, dict) or not ("path" in ref or "relative" in ref):
+        raise UserError(f"{run.run_file} does not name the run's base model ('model' entry)")
+    candidates = []
+    if ref.get("relative"):
+        candidates.append((run.path / ref["relative"]).resolve())
+    if ref.get("path"):
+        candidates.append(Path(ref["path"]))
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"the base model of run {run.path} is not at "
+                    f"{' or '.join(str(c) for c in candidates)}; restore it there to load "
+                    "this run's checkpoints")

@@ -131,3 +131,15 @@ def test_nothing_to_train_is_a_user_error():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         make_optimizer([p for p in model.parameters() if p.requires_grad], LoopConfig())
+
+
+def test_param_groups_scale_the_scheduled_learning_rate():
+    model = _Regressor()
+    method = build_method("full", model)
+    cfg = LoopConfig(steps=3, lr=0.1, warmup_steps=0, min_lr_ratio=1.0)
+    groups = [{"params": [model.net.weight]}, {"params": [model.net.bias], "lr_scale": 0.25},
+              {"params": []}]  # an empty group is dropped, not an error
+    optimizer = make_optimizer(groups, cfg)
+    assert len(optimizer.param_groups) == 2
+    train_loop(model, method, optimizer, _batches(), cfg, _Recorder())
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.1), pytest.approx(0.025)]

@@ -331,9 +331,15 @@ def test_score_predictions_is_task_balanced() -> None:
     assert caption["metric"] == "cider_d"
     assert caption["n"] == 3
     assert caption["value"] == pytest.approx(2.4906548, abs=1e-7)  # corpus B above
-    assert caption["score"] == pytest.approx(0.24906548, abs=1e-8)
-    # Task-balanced: (2/3 + 0.24906548) / 2, not a mean over the 6 examples.
-    assert result["score"] == pytest.approx((2 / 3 + 0.24906548) / 2, abs=1e-8)
+    # The ceiling: what the references' own first captions earn (two-word captions cannot
+    # reach 10: they have no 3- and 4-grams).
+    ceiling, _ = cider_d(["red ball", "blue ball", "green box"],
+                         [["red ball"], ["blue ball"], ["green box", "a green box"]])
+    assert 0 < ceiling < 10
+    assert caption["ceiling"] == pytest.approx(ceiling)
+    assert caption["score"] == pytest.approx(2.4906548 / ceiling, abs=1e-7)
+    # Task-balanced: (2/3 + caption score) / 2, not a mean over the 6 examples.
+    assert result["score"] == pytest.approx((2 / 3 + 2.4906548 / ceiling) / 2, abs=1e-7)
 
 
 def test_score_predictions_perfect_captions_score_one() -> None:
@@ -343,6 +349,25 @@ def test_score_predictions_perfect_captions_score_one() -> None:
     assert result["tasks"]["caption"]["value"] == pytest.approx(10.0)
     assert result["tasks"]["caption"]["score"] == pytest.approx(1.0)
     assert result["score"] == pytest.approx(1.0)
+
+
+def test_score_predictions_caption_score_is_relative_to_the_references() -> None:
+    # Paraphrased references disagree with each other, so even the taught caption earns
+    # less than 10; it must still score 1, and a wrong caption much less.
+    refs = [
+        ["a red circle on the left and a blue square on the right",
+         "a blue square on the right and a red circle on the left"],
+        ["a green triangle at the top", "there is a green triangle at the top"],
+        ["a yellow square in the center", "a yellow square is in the center"],
+    ]
+    examples = [_example(i, "caption", "cider", r) for i, r in enumerate(refs)]
+    taught = score_predictions(examples, [r[0] for r in refs])["tasks"]["caption"]
+    assert taught["value"] < 9.5
+    assert taught["ceiling"] == pytest.approx(taught["value"])
+    assert taught["score"] == pytest.approx(1.0)
+    wrong = score_predictions(examples, ["a red circle"] * 3)["tasks"]["caption"]
+    assert wrong["score"] == pytest.approx(wrong["value"] / taught["value"])
+    assert wrong["score"] < 0.5
 
 
 def test_score_predictions_rejects_bad_input() -> None:

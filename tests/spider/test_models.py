@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,7 @@ def test_default_size_is_a_few_million_parameters(saved):
     count = sum(p.numel() for p in model.parameters())
     assert 1.8e6 <= count <= 5e6
     config = model.config
-    assert config.vision_config.image_size == 48 and config.vision_config.patch_size == 6
+    assert config.vision_config.image_size == 48 and config.vision_config.patch_size == 16
     assert config.vision_feature_layer == -1
 
 
@@ -157,7 +156,7 @@ def test_image_marker_expands_into_one_token_per_patch(saved):
         images=[_image()],
         return_tensors="pt",
     )
-    assert int((inputs["input_ids"] == 4).sum()) == (48 // 6) ** 2 == 64
+    assert int((inputs["input_ids"] == 4).sum()) == (48 // 16) ** 2 == 9
     assert inputs["pixel_values"].shape == (1, 3, 48, 48)
     with torch.no_grad():
         model(**inputs)  # the model agrees: as many image features as image tokens
@@ -181,7 +180,7 @@ def test_chat_template_has_a_generation_prompt(saved):
         }
     ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert prompt == "USER: <image>\nWhat digit is this?\nASSISTANT:"
+    assert prompt == "USER: What digit is this?\n<image>\nASSISTANT:"
     messages.append({"role": "assistant", "content": [{"type": "text", "text": "seven"}]})
     assert processor.apply_chat_template(messages).startswith(prompt + " seven</s>")
 
@@ -321,34 +320,72 @@ def test_select_trainable_rejects_bad_requests(saved, kwargs, message):
         select_trainable(model, **kwargs)
 
 
-# ---------------------------------------------------------------------------- speed
+# ---------------------------------------------------------------------------- run checkpoints
 
 
-@pytest.mark.slow
-def test_training_step_is_fast_on_cpu(saved):
-    """Batch 32 x 80 tokens, vision frozen: ~0.15 s on 2 idle cores, ~0.27 s on one.
+def _fake_run(tmp_path: Path, base: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """A run folder written the way the runner writes one: run.json + one checkpoint."""
+    from spider.rundir import WEIGHTS_GROUP, RunDir, model_reference
 
-    Timed on one thread, which a busy machine slows far less than two, with a bound loose
-    enough for a shared machine yet tight enough to catch a model grown several times over.
-    """
-    _, model, processor = saved
-    select_trainable(model)
-    ids = torch.randint(5, len(processor.tokenizer), (32, 80))
-    ids[:, 1:65] = 4
-    labels = ids.clone()
-    labels[:, :66] = -100
-    pixels = torch.randn(32, 3, 48, 48)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model.train()
-    times = []
-    try:
-        for _ in range(5):
-            start = time.perf_counter()
-            model(input_ids=ids, pixel_values=pixels, labels=labels).loss.backward()
-            times.append(time.perf_counter() - start)
-            model.zero_grad()
-    finally:
-        model.eval()
-        torch.set_num_threads(threads)
-    assert min(times) < 1.5
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    run.write_run({"model": model_reference(base, run.path)})
+    return run.write_checkpoint(3, {WEIGHTS_GROUP: weights}, {})
+
+
+def test_load_model_accepts_a_run_checkpoint(saved, tmp_path):
+    out, model, _ = saved
+    name = "lm_head.weight"
+    changed = torch.full_like(dict(model.named_parameters())[name], 0.25)
+    checkpoint = _fake_run(tmp_path, out, {name: changed})
+    assert resolve_model_path(checkpoint) == str(out.resolve())
+    loaded, processor = load_model(checkpoint)
+    assert torch.equal(dict(loaded.named_parameters())[name], changed)
+    other = "model.multi_modal_projector.linear_1.weight"
+    assert torch.equal(dict(loaded.named_parameters())[other],
+                       dict(model.named_parameters())[other])
+    assert processor.tokenizer.convert_tokens_to_ids("red") != processor.tokenizer.unk_token_id
+
+
+def test_run_checkpoint_finds_its_base_model_when_moved_together(saved, tmp_path):
+    out, _, _ = saved
+    shutil.copytree(out, tmp_path / "bundle" / "base")
+    checkpoint = _fake_run(tmp_path / "bundle" / "runs", tmp_path / "bundle" / "base", {})
+    shutil.move(tmp_path / "bundle", tmp_path / "moved")
+    # run.json's absolute path is stale now; the path relative to the run still holds.
+    moved = tmp_path / "moved" / checkpoint.relative_to(tmp_path / "bundle")
+    assert resolve_model_path(moved) == str((tmp_path / "moved" / "base").resolve())
+    (tmp_path / "moved" / "base" / "config.json").unlink()
+    with pytest.raises(UserError, match="base model of run .* is not at"):
+        load_model(moved)
+
+
+def test_run_checkpoint_with_foreign_tensors_is_a_user_error(saved, tmp_path):
+    out, _, _ = saved
+    checkpoint = _fake_run(tmp_path, out, {"not.a.parameter": torch.zeros(2)})
+    with pytest.raises(UserError, match=r"holds tensors its base model lacks \(not.a.parameter\)"):
+        load_model(checkpoint)
+    bad_shape = _fake_run(tmp_path / "b", out, {"lm_head.weight": torch.zeros(2, 2)})
+    with pytest.raises(UserError, match="lm_head.weight has shape"):
+        load_model(bad_shape)
+
+
+# ---------------------------------------------------------------------------- the bundled model
+
+BUNDLED = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "tiny-llava-base"
+
+
+def test_bundled_base_model_loads_offline_and_is_small(monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForImageTextToText.from_pretrained(BUNDLED, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(BUNDLED, local_files_only=True)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor" and processor.chat_template
+    assert 1e6 <= sum(p.numel() for p in model.parameters()) <= 10e6
+    size = sum(p.stat().st_size for p in BUNDLED.iterdir())
+    assert size <= 20 * 2**20
+    card = (BUNDLED / "README.md").read_text()
+    for heading in ("## Architecture", "## Training", "## Scores on the upstream test split"):
+        assert heading in card

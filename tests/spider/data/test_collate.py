@@ -15,14 +15,14 @@ WORDS = (
     "what color is the circle square ? red blue green how many shapes are there two three "
     "describe image . a and , left right of digit this seven"
 ).split()
-IMAGE_TOKENS = 64
+IMAGE_TOKENS = 64  # 6x6 patches of 48x48 images: long prompts, to test truncation
 IMAGE_ID = 4
 
 
 @pytest.fixture(scope="module")
 def processor():
     _, processor = build_tiny_llava(
-        WORDS, text_hidden=32, text_layers=1, vision_hidden=32, vision_layers=1
+        WORDS, patch_size=6, text_hidden=32, text_layers=1, vision_hidden=32, vision_layers=1
     )
     return processor
 
@@ -54,12 +54,14 @@ def _ids(processor, text: str) -> list[int]:
 # ---------------------------------------------------------------------------- prompt_text
 
 
-def test_prompt_text_puts_the_image_first_and_ends_with_the_generation_prompt(processor):
+def test_prompt_text_places_the_image_once_and_ends_with_the_generation_prompt(processor):
+    # The tiny model's template puts the image after the first question.
     assert prompt_text(processor, [], "<image>\nWhat color is the circle?") == (
-        "USER: <image>\nWhat color is the circle?\nASSISTANT:"
+        "USER: What color is the circle?\n<image>\nASSISTANT:"
     )
     text = prompt_text(processor, CHAT.turns[:2], CHAT.turns[2].human)
-    assert text.count("<image>") == 1 and text.startswith("USER: <image>\nHow many")
+    assert text.count("<image>") == 1 and text.startswith("USER: How many")
+    assert text.index("<image>") < text.index("ASSISTANT: two</s>")
     assert "ASSISTANT: two</s>" in text and "ASSISTANT: blue</s>" in text
     assert text.endswith("What color is the circle?\nASSISTANT:")
     assert prompt_text(processor, [("<image>\nhow many shapes?", "two")], "red?") == prompt_text(
