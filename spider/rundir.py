@@ -10,6 +10,9 @@
         meta.json                      and renamed into place whole, so a reader never sees a
         weights.safetensors            half-written checkpoint; safetensors only, never pickle
         method.safetensors ...
+    RUN/resume/                        the latest saved step's full state (weights, method,
+                                       optimizer) for an exact --resume; replaced whole
+    RUN/layers.jsonl                   per (step, parameter) statistics, appended
 
 Every whole-file write goes to a temporary name in the same folder, is flushed to disk, then
 renamed over the target: a run killed at any moment leaves either the old file or the new one.
@@ -34,9 +37,11 @@ from spider.errors import UserError
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+LAYERS_FILE = "layers.jsonl"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_META = "meta.json"
 STEP_PREFIX = "step-"
+RESUME = "resume"
 _TMP_PREFIX = ".tmp-"
 # Checkpoint group with the model's trained tensors, named as in the base model's state_dict
 # and holding their effective values at that step (LoRA merged in): base model + this group
@@ -111,39 +116,31 @@ class RunDir:
     def write_run(self, info: dict) -> None:
         atomic_write_json(self.run_file, {"schema_version": SCHEMA_VERSION, **info})
 
-    # -- metrics.jsonl
+    # -- metrics.jsonl (events) and layers.jsonl (per step and parameter statistics)
+    @property
+    def layers_file(self) -> Path:
+        return self.path / LAYERS_FILE
+
     def append_events(self, events: Iterable[dict]) -> None:
         """Append events, one JSON line each, flushed to disk before returning."""
-        lines = "".join(json.dumps(e) + "\n" for e in events)
-        if not lines:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_file, "a", encoding="utf-8") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_jsonl(self.metrics_file, events)
 
     def read_events(self) -> list[dict]:
-        """Every complete event; a torn or malformed last line (a killed run) is skipped."""
-        if not self.metrics_file.exists():
-            return []
-        events = []
-        lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    break  # the last line of a killed run
-                raise UserError(f"{self.metrics_file} line {number} is not valid JSON") from None
-        return events
+        """Every complete event; a torn last line (a killed run) is skipped."""
+        return _read_jsonl(self.metrics_file)
 
     def truncate_events(self, keep_through_step: int) -> None:
         """Keep only events up to ``keep_through_step`` (a resumed run rewrites the rest)."""
-        kept = [e for e in self.read_events() if int(e.get("step", 0)) <= keep_through_step]
-        atomic_write_bytes(self.metrics_file, "".join(json.dumps(e) + "\n" for e in kept).encode())
+        _truncate_jsonl(self.metrics_file, keep_through_step)
+
+    def append_layers(self, rows: Iterable[dict]) -> None:
+        _append_jsonl(self.layers_file, rows)
+
+    def read_layers(self) -> list[dict]:
+        return _read_jsonl(self.layers_file)
+
+    def truncate_layers(self, keep_through_step: int) -> None:
+        _truncate_jsonl(self.layers_file, keep_through_step)
 
     # -- checkpoints
     def checkpoint_steps(self) -> list[int]:
@@ -166,33 +163,88 @@ class RunDir:
         Built in a temporary folder and renamed into place; an existing checkpoint of the
         same step is replaced only once the new one is complete.
         """
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoint_dir(step)
-        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + final.name + ".",
-                                    dir=self.checkpoints_dir))
-        try:
-            for group, tensors in groups.items():
-                contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-                save_file(contiguous, str(tmp / f"{group}.safetensors"))
-            atomic_write_json(tmp / CHECKPOINT_META,
-                              {"step": step, "groups": sorted(groups), **meta})
-            if final.exists():
-                old = final.with_name(_TMP_PREFIX + final.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        return _write_folder(self.checkpoint_dir(step), groups, {"step": step, **meta})
+
+    # -- resume state: everything an exact resume needs, for the latest saved step only
+    @property
+    def resume_dir(self) -> Path:
+        return self.path / RESUME
+
+    def write_resume(self, step: int, groups: dict[str, dict[str, torch.Tensor]],
+                     meta: dict) -> None:
+        _write_folder(self.resume_dir, groups, {"step": step, **meta})
+
+    def read_resume(self) -> tuple[dict, dict[str, dict[str, torch.Tensor]]] | None:
+        """``(meta, groups)`` of the resume state, or None when the run never saved one."""
+        if not (self.resume_dir / CHECKPOINT_META).exists():
+            return None
+        meta = read_json(self.resume_dir / CHECKPOINT_META, "resume metadata")
+        return meta, {g: read_group(self.resume_dir, g) for g in meta.get("groups", [])}
 
     def remove_checkpoints_after(self, step: int) -> None:
         for s in self.checkpoint_steps():
             if s > step:
                 shutil.rmtree(self.checkpoint_dir(s), ignore_errors=True)
+
+
+def _write_folder(final: Path, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
+    """Write a folder of safetensors groups + meta.json under a temporary name, then rename
+    it over ``final``: readers see the old folder or the new one, never a mix."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + final.name + ".", dir=final.parent))
+    try:
+        for group, tensors in groups.items():
+            contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            save_file(contiguous, str(tmp / f"{group}.safetensors"))
+        atomic_write_json(tmp / CHECKPOINT_META, {**meta, "groups": sorted(groups)})
+        if final.exists():
+            old = final.with_name(_TMP_PREFIX + final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ------------------------------------------------------------------------- JSON-lines logs
+def _append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if not lines:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(lines)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Every complete line; a torn or malformed last line (a killed run) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the last line of a killed run
+            raise UserError(f"{path} line {number} is not valid JSON") from None
+    return rows
+
+
+def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
+    if path.exists():
+        kept = [r for r in _read_jsonl(path) if int(r.get("step", 0)) <= keep_through_step]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 # ------------------------------------------------------------------------- checkpoint reads

@@ -134,6 +134,15 @@ class MethodBase:
             out[name] = row
         return out
 
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """The trained tensors' current values, named as in the base model's ``state_dict``
+        (base model + these = the fine-tuned model). Views, not copies."""
+        return {name: p.detach() for name, p in self.params.items()}
+
+    # Whether resuming needs the weights restored from ``effective_weights`` (False when the
+    # trained tensors live in the method's own state, as LoRA's adapters do).
+    restores_weights: bool = True
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer should update."""
         return (p for p in self.model.parameters() if p.requires_grad)
@@ -142,6 +151,11 @@ class MethodBase:
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensors that, with ``steps_done`` and the options, determine the method's state."""
         return {}
+
+    def analysis_state(self) -> dict[str, torch.Tensor]:
+        """The state tensors a checkpoint keeps for analysis: ``extra_state`` minus copies
+        of the base model's weights (the analysis reads those from the base model)."""
+        return self.extra_state()
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if tensors:

@@ -129,6 +129,23 @@ class Lora(MethodBase):
         )
         super().__init__(peft.get_peft_model(model, config), options)
         self.finalized = False
+        self.targets = names  # adapted nn.Linear modules, by their names in the base model
+
+    restores_weights = False  # the adapters are the trained tensors, kept in extra_state
+
+    @torch.no_grad()
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """Each adapted weight with its adapter merged in (W + scale * B @ A), base names."""
+        if self.finalized:
+            return {f"{n}.weight": self.model.get_submodule(n).weight.detach()
+                    for n in self.targets}
+        peft_root = self.model.base_model.model
+        out = {}
+        for n in self.targets:
+            layer = peft_root.get_submodule(n)
+            base = layer.get_base_layer().weight
+            out[f"{n}.weight"] = base.detach() + layer.get_delta_weight("default").to(base.dtype)
+        return out
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {}

@@ -341,6 +341,10 @@ class Spider(MethodBase):
         state.update({f"grad_sum/{n}": t for n, t in self.grad_sum.items()})
         return state
 
+    def analysis_state(self) -> dict[str, torch.Tensor]:
+        # theta0 is the base model's weights: the analysis reads it from there.
+        return {f"grad_sum/{n}": t for n, t in self.grad_sum.items()}
+
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         check_state_tensors(self.extra_state(), tensors, "spider")
         for key, tensor in tensors.items():
