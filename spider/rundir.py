@@ -174,6 +174,9 @@ class RunDir:
                      meta: dict) -> None:
         _write_folder(self.resume_dir, groups, {"step": step, **meta})
 
+    def remove_resume(self) -> None:
+        shutil.rmtree(self.resume_dir, ignore_errors=True)
+
     def read_resume(self) -> tuple[dict, dict[str, dict[str, torch.Tensor]]] | None:
         """``(meta, groups)`` of the resume state, or None when the run never saved one."""
         if not (self.resume_dir / CHECKPOINT_META).exists():

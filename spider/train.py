@@ -58,7 +58,7 @@ class RunConfig:
         "help": "upstream (pre-training) data, evaluated for forgetting and mixed in by "
                 "--hybrid-ratio"})
     method: str = dataclasses.field(default="spider", metadata={
-        "help": "fine-tuning method (python -m spider.methods lists them)"})
+        "help": "fine-tuning method (see README, 'The methods library')"})
     options: dict = dataclasses.field(default_factory=dict, metadata={
         "help": "method option NAME=VALUE (repeatable)"})
     output_dir: str = dataclasses.field(default="", metadata={"help": "the run directory"})
@@ -373,6 +373,7 @@ class Runner(LoopHooks):
             final = self.evaluate(self.cfg.steps)
             self.save(self.cfg.steps)
             self.write_info(status="done", ended=time.time(), summary=self.summary(final))
+            self.run.remove_resume()  # a finished run is never resumed: free the space
             return self.info
         except BaseException as err:
             if self.pending:

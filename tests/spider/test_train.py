@@ -1,0 +1,233 @@
+"""``python -m spider.train``: the run directory it writes, statuses, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spider.rundir import RunDir
+from spider.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small and quick: 6 steps of 4 examples, 8 test examples per split.
+QUICK = ["--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-limit", "8",
+         "--log-every", "2", "--save-every", "3", "--device", "cpu", "--train-size", "64"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(out: Path, *extra: str) -> dict:
+    return main(["--output-dir", str(out), *QUICK, *extra])
+
+
+def test_a_run_writes_the_run_directory_contract(tmp_path, capsys):
+    info = _train(tmp_path / "run", "--method", "spider")
+    run = RunDir(tmp_path / "run")
+    stored = run.read_run()
+    assert stored["status"] == "done" and info["status"] == "done"
+    assert stored["schema_version"] == 1 and stored["method"] == "spider"
+    assert stored["config"]["steps"] == 6 and stored["seed"] == 0
+    assert set(stored["summary"]) == {"U", "D", "H", "E", "F", "O"}
+    assert stored["progress"]["step"] == 6
+
+    events = run.read_events()
+    train = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "grad_norm", "seconds"} <= set(e) for e in train)
+    scores = [e for e in events if e["event"] == "eval" and e["metric"] == "score"]
+    assert sorted({e["step"] for e in scores}) == [0, 3, 6]
+    assert {e["split"] for e in scores} == {"upstream", "downstream", "idimg-oodq",
+                                            "oodimg-idq", "oodimg-oodq"}
+    assert all(0.0 <= e["value"] <= 1.0 for e in scores)
+
+    layers = run.read_layers()
+    assert sorted({r["step"] for r in layers}) == [2, 4, 6]
+    params = {r["param"] for r in layers}
+    assert any("language_model" in p for p in params) and any("projector" in p for p in params)
+    assert not any("vision_tower" in p for p in params)  # frozen by default
+    row = next(r for r in layers if r["step"] == 6)
+    for column in ("numel", "mask_mean", "mask_density", "importance_pre_mean",
+                   "importance_ft_mean", "frac_ft_gt_pre", "update_norm", "update_rel_norm"):
+        assert column in row
+    assert 0.0 <= row["mask_mean"] <= 1.0 and row["update_norm"] > 0
+
+    assert run.checkpoint_steps() == [3, 6]
+    assert not run.resume_dir.exists()  # a finished run keeps no resume state
+    weights = load_file(run.checkpoint_dir(6) / "weights.safetensors")
+    method = load_file(run.checkpoint_dir(6) / "method.safetensors")
+    assert set(weights) == params
+    assert all(k.startswith("grad_sum/") for k in method)  # theta0 lives in the base model
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["status"] == "done" and last["output_dir"] == str(run.path)
+
+
+def test_a_checkpoint_loads_as_a_model_with_the_trained_weights(tmp_path):
+    from spider.models import load_model
+
+    _train(tmp_path / "run", "--method", "full")
+    run = RunDir(tmp_path / "run")
+    model, _ = load_model(run.checkpoint_dir(6))
+    saved = load_file(run.checkpoint_dir(6) / "weights.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in saved.items())
+
+
+def test_save_dtype_and_save_tensors_shrink_checkpoints_not_statistics(tmp_path):
+    _train(tmp_path / "run", "--method", "spider", "--save-dtype", "bfloat16",
+           "--save-tensors", r"layers\.3\.")
+    run = RunDir(tmp_path / "run")
+    weights = load_file(run.checkpoint_dir(6) / "weights.safetensors")
+    assert weights and all("layers.3." in n for n in weights)
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert any("layers.0." in r["param"] for r in run.read_layers())
+
+
+def test_hybrid_lora_and_train_parts(tmp_path):
+    info = _train(tmp_path / "hybrid", "--method", "full", "--hybrid-ratio", "0.5",
+                  "--train", "llm", "--train-last-layers", "1")
+    assert info["status"] == "done"
+    params = {r["param"] for r in RunDir(tmp_path / "hybrid").read_layers()}
+    assert params and all("layers.3." in p for p in params)
+    info = _train(tmp_path / "lora", "--method", "lora", "--option", "r=2")
+    assert info["status"] == "done" and info["options"]["r"] == 2
+    weights = load_file(RunDir(tmp_path / "lora").checkpoint_dir(6) / "weights.safetensors")
+    assert weights and all(n.endswith(".weight") and "lora" not in n for n in weights)
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "spider.train", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tmp_path):
+    args = ["--method", "spider", "--steps", "12", "--batch-size", "4", "--eval-every", "6",
+            "--eval-limit", "4", "--log-every", "2", "--save-every", "4", "--device", "cpu",
+            "--train-size", "64"]
+    straight = _cli("--output-dir", str(tmp_path / "straight"), *args)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "spider.train", "--output-dir", str(out),
+                             *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    resume_meta = out / "resume" / "meta.json"
+    while time.time() < deadline and not (resume_meta.exists()
+                                          and json.loads(resume_meta.read_text())["step"] >= 4):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert RunDir(out).read_run()["status"] == "running"  # killed: nobody could say otherwise
+
+    resumed = _cli("--output-dir", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(RunDir(tmp_path / "straight").checkpoint_dir(12) / "weights.safetensors")
+    b = load_file(RunDir(out).checkpoint_dir(12) / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = {e["step"]: e["loss"] for e in RunDir(out).read_events() if e["event"] == "train"}
+    assert sorted(losses) == list(range(1, 13))  # no step twice, none missing
+    assert RunDir(out).read_run()["status"] == "done"
+
+
+def test_sigterm_saves_and_ends_cancelled(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "spider.train", "--output-dir", str(out),
+                             "--steps", "400", "--batch-size", "4", "--eval-limit", "4",
+                             "--eval-every", "400", "--device", "cpu", "--train-size", "64"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [e for e in RunDir(out).read_events()
+                                          if e["event"] == "train"]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    info = RunDir(out).read_run()
+    assert info["status"] == "cancelled" and json.loads(stdout.splitlines()[-1])["status"] == \
+        "cancelled"
+    step = info["progress"]["step"]
+    assert 0 < step < 400 and RunDir(out).checkpoint_steps()[-1] == step
+
+
+def test_non_finite_loss_fails_the_run_with_a_clear_message(tmp_path):
+    result = _cli("--output-dir", str(tmp_path / "run"), *QUICK, "--lr", "1e30",
+                  "--method", "full")
+    assert result.returncode == 2
+    assert "loss is not finite at step" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    info = RunDir(tmp_path / "run").read_run()
+    assert info["status"] == "failed" and "not finite" in info["error"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--method", "nope"], "nope"),
+    (["--option", "mask=wrong"], "mask"),
+    (["--data", "builtin:nope"], "unknown built-in dataset"),
+    (["--steps", "0"], "--steps"),
+    (["--hybrid-ratio", "1.5"], "--hybrid-ratio"),
+    (["--save-dtype", "int8"], "--save-dtype"),
+    (["--save-tensors", "("], "--save-tensors"),
+    (["--train", "eyes"], "eyes"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output-dir", str(tmp_path / "run"), *QUICK, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_an_existing_run_is_never_overwritten_and_resume_checks_the_config(tmp_path, capsys):
+    _train(tmp_path / "run", "--method", "full")
+    before = (tmp_path / "run" / "run.json").read_bytes()
+    with pytest.raises(SystemExit):
+        _train(tmp_path / "run", "--method", "full")
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path / "run"), "--resume", "--lr", "0.5"])
+    assert "lr=0.0003" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path / "run"), "--resume"])
+    assert "already done" in capsys.readouterr().err
+    assert (tmp_path / "run" / "run.json").read_bytes() == before
+
+
+def test_config_file_and_its_errors(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"method": "l2", "steps": 2, "eval_every": 2}))
+    info = main(["--output-dir", str(tmp_path / "run"), "--config", str(config),
+                 "--batch-size", "4", "--eval-limit", "4", "--train-size", "16"])
+    assert info["method"] == "l2" and info["config"]["steps"] == 2
+    config.write_text(json.dumps({"stepz": 2}))
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path / "r2"), "--config", str(config)])
+    assert "unknown setting 'stepz'" in capsys.readouterr().err
+
+
+def test_readme_documents_every_flag():
+    from spider.train import _parser
+
+    readme = (ROOT / "README.md").read_text()
+    flags = {s for a in _parser()._actions for s in a.option_strings if s != "-h"} - {"--help"}
+    missing = sorted(f for f in flags if f"`{f}" not in readme)
+    assert not missing, missing
