@@ -231,3 +231,28 @@ def test_readme_documents_every_flag():
     flags = {s for a in _parser()._actions for s in a.option_strings if s != "-h"} - {"--help"}
     missing = sorted(f for f in flags if f"`{f}" not in readme)
     assert not missing, missing
+
+
+SAMPLE_RUNS = ROOT / "sample_checkpoints" / "runs"
+
+
+def test_sample_runs_are_finished_small_and_load_from_this_checkout():
+    from spider.models import resolve_model_path
+
+    runs = sorted(p for p in SAMPLE_RUNS.iterdir() if p.is_dir())
+    assert {p.name for p in runs} >= {"spider", "full", "magnitude_mask", "l2", "dare", "lora",
+                                      "hybrid"}
+    size = sum(f.stat().st_size for f in SAMPLE_RUNS.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    seeds = set()
+    for path in runs:
+        run = RunDir(path)
+        info = run.read_run()
+        seeds.add((info["seed"], info["config"]["data"], info["config"]["steps"]))
+        assert info["status"] == "done" and set(info["summary"]) >= {"U", "D", "H"}
+        assert len(run.checkpoint_steps()) >= 2
+        # The base model is found relative to the run, wherever this checkout lives.
+        checkpoint = run.checkpoint_dir(run.checkpoint_steps()[-1])
+        assert Path(resolve_model_path(checkpoint)) == (
+            ROOT / "sample_checkpoints" / "tiny-llava-base").resolve()
+    assert len(seeds) == 1  # same seed, data and length: the comparison is like for like
