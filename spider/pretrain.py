@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import sys
@@ -26,6 +25,7 @@ from spider.errors import UserError, cli_main, positive_int
 from spider.loop import BatchSampler, LoopConfig, LoopHooks, make_optimizer, train_loop
 from spider.methods import build_method
 from spider.models import build_tiny_llava, resolve_device
+from spider.rundir import swap_into_place
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "tiny-llava-base"
 
@@ -127,14 +127,7 @@ def pretrain(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, d
     processor.save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(json.dumps(facts, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(model, facts))
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    swap_into_place(tmp, out_dir)
     return facts
 
 

@@ -190,6 +190,19 @@ class RunDir:
                 shutil.rmtree(self.checkpoint_dir(s), ignore_errors=True)
 
 
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``, replacing any folder there only once
+    the new one is complete."""
+    if final.exists():
+        old = final.with_name(_TMP_PREFIX + final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def _write_folder(final: Path, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
     """Write a folder of safetensors groups + meta.json under a temporary name, then rename
     it over ``final``: readers see the old folder or the new one, never a mix."""
@@ -200,14 +213,7 @@ def _write_folder(final: Path, groups: dict[str, dict[str, torch.Tensor]], meta:
             contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             save_file(contiguous, str(tmp / f"{group}.safetensors"))
         atomic_write_json(tmp / CHECKPOINT_META, {**meta, "groups": sorted(groups)})
-        if final.exists():
-            old = final.with_name(_TMP_PREFIX + final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

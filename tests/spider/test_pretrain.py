@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from spider.data import load_dataset
 from spider.evaluate import evaluate
@@ -19,12 +18,7 @@ TINY_RUN = ["--steps", "3", "--batch-size", "4", "--train-size", "32", "--eval-l
             "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_same_seed_same_model_and_a_model_card(tmp_path, capsys):

@@ -23,12 +23,7 @@ QUICK = ["--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-limit
          "--log-every", "2", "--save-every", "3", "--device", "cpu", "--train-size", "64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(out: Path, *extra: str) -> dict:
