@@ -1,7 +1,10 @@
 """Spiderscope analysis: run data -> tidy pandas DataFrames -> plotly figures.
 
-``stats`` computes (DataFrame in, DataFrame out, fixed columns), ``heatmaps`` pools big
-tensors for display, ``figures`` draws (pure functions to ``go.Figure``, no I/O).
+``run`` reads run directories (``load_run``, ``list_runs``), ``stats`` computes (DataFrame
+in, DataFrame out, fixed columns), ``heatmaps`` pools big tensors for display, ``figures``
+draws (pure functions to ``go.Figure``, no I/O) and ``report`` lays runs out as one HTML file
+(``python -m analysis.report``; imported on first use of ``analysis.report`` or
+``analysis.write_report``).
 """
 
 from analysis import figures, heatmaps, stats
@@ -15,6 +18,7 @@ from analysis.figures import (
     tradeoff_plane,
 )
 from analysis.heatmaps import Downsampled, downsample
+from analysis.run import LIST_COLUMNS, TENSOR_KINDS, Run, RunReadError, list_runs, load_run
 from analysis.stats import (
     CELLS,
     LAYERS_COLUMNS,
@@ -38,10 +42,14 @@ from analysis.stats import (
 __all__ = [
     "CELLS",
     "LAYERS_COLUMNS",
+    "LIST_COLUMNS",
     "METRICS_COLUMNS",
     "SUMMARY_COLUMNS",
+    "TENSOR_KINDS",
     "TRAIN_COLUMNS",
     "Downsampled",
+    "Run",
+    "RunReadError",
     "cells_table",
     "discrepancy_bars",
     "downsample",
@@ -49,10 +57,13 @@ __all__ = [
     "figures",
     "heatmaps",
     "layer_discrepancy",
+    "list_runs",
+    "load_run",
     "mask_density",
     "mask_density_heatmap",
     "mask_histogram",
     "moved_overlap",
+    "report",
     "score_curves",
     "score_table",
     "stats",
@@ -65,4 +76,16 @@ __all__ = [
     "update_cosine",
     "update_share",
     "update_size",
+    "write_report",
 ]
+
+
+def __getattr__(name: str):
+    # ``report`` is imported on demand, so that ``python -m analysis.report`` does not find
+    # it already imported by this package (runpy warns about that).
+    if name in ("report", "write_report"):
+        import importlib
+
+        report = importlib.import_module("analysis.report")
+        return report if name == "report" else report.write_report
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ import torch
 
 from spider.metrics import summary as _summary
 from spider.naming import parse_param_name
+from spider.rundir import atomic_write_bytes
 
 # --------------------------------------------------------------------------------------------
 # Contracts
@@ -489,15 +489,7 @@ def cells_table(metrics_df: pd.DataFrame) -> pd.DataFrame:
 def to_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write ``df`` (no index) to ``path`` atomically: a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            df.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, df.to_csv(index=False).encode())
     return path
 
 

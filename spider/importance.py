@@ -46,13 +46,13 @@ def abs_sums(t: torch.Tensor, abs_out: torch.Tensor | None = None) -> torch.Tens
     flat = t.reshape(-1)
     sum_abs = (flat.abs() if abs_out is None else abs_into(abs_out, t)).sum(dtype=torch.float32)
     count = torch.tensor(float(flat.numel()), dtype=torch.float64, device=t.device)
-    return torch.stack([count, sum_abs.double(), _sum_of_squares(flat)])
+    return torch.stack([count, sum_abs.double(), sum_of_squares(flat)])
 
 
 _SQUARES_CHUNK = 1 << 16
 
 
-def _sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
+def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
     """sum(t^2) as a float64 0-dim tensor, without a temporary the size of ``t``.
 
     ``vector_norm`` accumulates float32 serially and loses accuracy with size (relative

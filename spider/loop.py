@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from spider.distributed import Dist, gradient_sync
 from spider.errors import UserError
 
 
@@ -63,14 +64,18 @@ class BatchSampler:
 
     Examples are drawn epoch by epoch from seeded permutations, so a resumed run sees exactly
     the batches an uninterrupted one would. ``mix`` adds a second dataset (data-hybrid
-    training): a share ``ratio`` of every micro-batch comes from it.
+    training): a share ``ratio`` of every micro-batch comes from it. With ``world`` processes
+    (data parallel), process ``rank``'s micro-batch ``m`` is number ``m * world + rank`` of the
+    single-process order: the step's global batch is the same examples as one process with
+    ``world`` times the accumulation.
     """
 
     def __init__(self, size: int, batch_size: int, grad_accum: int, seed: int,
-                 mix_size: int = 0, mix_ratio: float = 0.0):
+                 mix_size: int = 0, mix_ratio: float = 0.0, rank: int = 0, world: int = 1):
         if size <= 0:
             raise UserError("the training dataset is empty")
         self.size, self.batch_size, self.grad_accum, self.seed = size, batch_size, grad_accum, seed
+        self.rank, self.world = rank, world
         self.mix_size = mix_size
         self.n_mix = int(round(batch_size * mix_ratio)) if mix_size > 0 else 0
         self.n_main = batch_size - self.n_mix
@@ -89,7 +94,7 @@ class BatchSampler:
 
     def indices(self, step: int, micro: int) -> tuple[list[int], list[int]]:
         """(indices into the main dataset, indices into the mixed-in one)."""
-        position = step * self.grad_accum + micro
+        position = (step * self.grad_accum + micro) * self.world + self.rank
         main = self._take(self.size, self.seed, 0, position * self.n_main, self.n_main)
         mixed = (self._take(self.mix_size, self.seed, 1, position * self.n_mix, self.n_mix)
                  if self.n_mix else [])
@@ -123,12 +128,16 @@ def train_loop(
     hooks: LoopHooks | None = None,
     start_step: int = 0,
     device: torch.device | str = "cpu",
+    dist: Dist | None = None,
 ) -> int:
     """Train from ``start_step`` to ``cfg.steps``; returns the number of steps done.
 
-    ``get_batch(step, micro)`` returns model inputs (with ``labels``) on ``device``.
+    ``get_batch(step, micro)`` returns model inputs (with ``labels``) on ``device``. ``model``
+    may be wrapped by DDP or sharded by FSDP2 (``spider.distributed``); ``dist`` then averages
+    the reported loss over processes so that all of them stop together on a non-finite one.
     """
     hooks = hooks or LoopHooks()
+    dist = dist or Dist()
     device = torch.device(device)
     autocast = autocast_for(device)
     trainable = [p for p in method.trainable_parameters()]
@@ -144,17 +153,18 @@ def train_loop(
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             batch = get_batch(step, micro)
-            with autocast():
-                loss = model(**batch).loss
-            penalty = method.loss_penalty()
-            if penalty is not None:
-                loss = loss + penalty
-            if not torch.isfinite(loss):
-                raise LossNotFinite(
-                    f"loss is not finite at step {step + 1}; try a lower --lr"
-                )
-            (loss / cfg.grad_accum).backward()
+            # several processes: gradients are averaged once, after the last micro-batch
+            with gradient_sync(model, micro == cfg.grad_accum - 1):
+                with autocast():
+                    loss = model(**batch).loss
+                penalty = method.loss_penalty()
+                if penalty is not None:
+                    loss = loss + penalty
+                (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
+        loss_mean = dist.mean(loss_sum / cfg.grad_accum)
+        if not math.isfinite(loss_mean):  # before the step: the weights stay as they were
+            raise LossNotFinite(f"loss is not finite at step {step + 1}; try a lower --lr")
         # -- phase 3: clip
         if cfg.clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip))
@@ -169,7 +179,7 @@ def train_loop(
         step += 1
         # -- phase 5: report; evaluation and checkpoints happen in the hooks
         hooks.after_step(step, {
-            "step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr,
+            "step": step, "loss": loss_mean, "lr": lr,
             "grad_norm": grad_norm, "seconds": time.perf_counter() - t0,
         })
         if hooks.should_stop():

@@ -43,6 +43,8 @@ CHECKPOINT_META = "meta.json"
 STEP_PREFIX = "step-"
 RESUME = "resume"
 _TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 # Checkpoint group with the model's trained tensors, named as in the base model's state_dict
 # and holding their effective values at that step (LoRA merged in): base model + this group
 # = the fine-tuned model.
@@ -60,6 +62,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: give what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -139,6 +139,25 @@ def _process(processor, examples: Sequence[Example], prompts: list[str], **kwarg
         raise
 
 
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer that has no padding token its end-of-sequence (else unknown) token as one.
+
+    Many LLaVA-style models (Mistral- and Llama-based ones among them) ship no pad token, and
+    the processor refuses to pad a batch without one. Which token pads does not matter: the
+    attention mask hides pads and their labels are -100. Changes ``tokenizer`` in place.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    for candidate in (tokenizer.eos_token, tokenizer.unk_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            return
+    raise UserError(
+        f"the tokenizer ({type(tokenizer).__name__}) has no pad, end-of-sequence or unknown "
+        "token, so batches cannot be padded; save the model directory with a pad_token."
+    )
+
+
 def _image_inputs(encoded) -> dict[str, torch.Tensor]:
     return {k: v for k, v in encoded.items() if k not in _TEXT_KEYS}
 
@@ -157,11 +176,8 @@ class TrainCollator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
+        ensure_pad_token(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = (
-                self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-            )
         self.eos_id = self.tokenizer.eos_token_id
 
     def _answer_ids(self, text: str) -> list[int]:
@@ -223,6 +239,7 @@ class GenerationCollator:
 
     def __init__(self, processor):
         self.processor = processor
+        ensure_pad_token(processor.tokenizer)
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         _check_batch(examples)

@@ -77,6 +77,9 @@ class MethodBase:
     name: ClassVar[str] = "base"
     Options: ClassVar[type] = NoOptions
     has_masks: ClassVar[bool] = True
+    #: True when the method is correct on FSDP2-sharded parameters (it handles shards and
+    #: all-reduces whatever per-tensor quantity it needs); the runner refuses the others.
+    shardable: ClassVar[bool] = False
     #: one line for the app and ``--help``: what the method does.
     summary: ClassVar[str] = ""
 

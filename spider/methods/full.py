@@ -17,6 +17,7 @@ class FullFineTuning(MethodBase):
     """Every trainable weight trains freely; ``masks()`` is all ones (the base behaviour)."""
 
     Options: ClassVar[type] = NoOptions
+    shardable: ClassVar[bool] = True  # nothing per tensor to reduce
     summary: ClassVar[str] = (
         "Full fine-tuning: every trainable weight is updated; mask is 1 everywhere."
     )

@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from spider.distributed import any_sharded, as_logical, local, shard_of, sum_across
 from spider.importance import Reducer, abs_into, abs_sums, affine_from_sums, rank_into
 from spider.methods.base import (
     STAT_COLUMNS,
@@ -45,7 +46,6 @@ from spider.methods.base import (
     check_state_tensors,
     choice,
     register,
-    snapshot,
 )
 
 
@@ -154,8 +154,9 @@ def keep_weight_scaled(
 
     stats = KeepWeightStats(numel=float(theta0.numel()), nonzero=0.0)
     if collect:
-        local = torch.stack([imp.sum(), w.sum()]).double()
-        stats.pre_sum, stats.ft_sum = reduce(local).tolist()
+        numel = torch.tensor(float(theta0.numel()), device=w.device)
+        sums = torch.stack([imp.sum(), w.sum(), numel]).double()
+        stats.pre_sum, stats.ft_sum, stats.numel = reduce(sums).tolist()
 
     if g_a == 0.0 and g_b == -math.inf:
         # S is all zeros (no gradient yet): G = 0 is never above I, nothing is free.
@@ -230,19 +231,23 @@ class Spider(MethodBase):
     """SPIDER (ICML 2025): pull each weight back toward theta0 unless G > I."""
 
     Options = SpiderOptions
+    shardable = True
     summary = ("SPIDER: per weight, compare pre-training importance (|theta0| rank) with "
                "fine-tuning importance (accumulated-gradient rank); pull weights back to "
                "theta0 unless the downstream task matters more.")
 
     def __init__(self, model, options: SpiderOptions | None = None):
         super().__init__(model, options)
-        self.theta0 = snapshot(self.params)
+        # Under FSDP2 the parameters are sharded (DTensors): the method keeps theta0 and S for
+        # this process's shard only and all-reduces the per-tensor sums behind every rank, so
+        # each shard gets exactly the mask the whole tensor would.
+        self.theta0 = {name: local(p).detach().clone() for name, p in self.params.items()}
         self.grad_sum = {
-            name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            name: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device)
             for name, p in self.params.items()
         }
         #: all-reduce hook for sharded tensors: float64 vector of local sums -> global sums.
-        self.reducer: Reducer | None = None
+        self.reducer: Reducer | None = sum_across if any_sharded(self.params.values()) else None
         self._pre_affine: dict[str, tuple[float, float]] = {}
         self._work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -251,7 +256,7 @@ class Spider(MethodBase):
         """Two float32 work buffers shaped like ``like``, views of per-device scratch."""
         device = like.device
         if device not in self._work:
-            largest = max(p.numel() for p in self.params.values() if p.device == device)
+            largest = max(t.numel() for t in self.theta0.values() if t.device == device)
             self._work[device] = (
                 torch.empty(largest, dtype=torch.float32, device=device),
                 torch.empty(largest, dtype=torch.float32, device=device),
@@ -293,12 +298,12 @@ class Spider(MethodBase):
         stats: dict[str, dict[str, float]] = {}
         for name, p in self.params.items():
             if p.grad is not None:
-                self._accumulate(self.grad_sum[name], p.grad)
-            w, work = self._buffers(p)
+                self._accumulate(self.grad_sum[name], local(p.grad))
+            w, work = self._buffers(self.theta0[name])
             _, scale, tensor_stats = self._weight(name, w, work, collect=collect)
             if collect:
                 stats[name] = tensor_stats.as_row()
-            apply_keep_weight(p.data, self.theta0[name], w, work, scale)
+            apply_keep_weight(local(p.data), self.theta0[name], w, work, scale)
         if collect:
             self._last_statistics = stats
         self.steps_done += 1
@@ -307,11 +312,12 @@ class Spider(MethodBase):
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:
         out = {}
-        for name in self.params:
-            out[name], _ = keep_weight(
+        for name, p in self.params.items():
+            w, _ = keep_weight(
                 self.theta0[name], self.grad_sum[name], self.options,
                 pre_affine=self._affine_pre(name), reducer=self.reducer,
             )
+            out[name] = as_logical(w, p)
         return out
 
     @torch.no_grad()
@@ -321,7 +327,9 @@ class Spider(MethodBase):
             w, work = self._buffers(self.grad_sum[name])
 
             def keep(pre, ft, name=name):
-                out[name] = {"pre": pre.clone(), "ft": ft.clone()}
+                like = self.params[name]
+                out[name] = {"pre": as_logical(pre.clone(), like),
+                             "ft": as_logical(ft.clone(), like)}
 
             self._weight(name, w, work, importances=keep)
         return out
@@ -336,19 +344,21 @@ class Spider(MethodBase):
         return stats
 
     # ------------------------------------------------------------------ state
+    # State tensors have the parameters' full shapes (sharded ones as DTensors, gathered by
+    # the caller); loading takes whole tensors and keeps this process's shard.
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = {f"theta0/{n}": t for n, t in self.theta0.items()}
-        state.update({f"grad_sum/{n}": t for n, t in self.grad_sum.items()})
+        state = {f"theta0/{n}": as_logical(t, self.params[n]) for n, t in self.theta0.items()}
+        state.update(self.analysis_state())
         return state
 
     def analysis_state(self) -> dict[str, torch.Tensor]:
         # theta0 is the base model's weights: the analysis reads it from there.
-        return {f"grad_sum/{n}": t for n, t in self.grad_sum.items()}
+        return {f"grad_sum/{n}": as_logical(t, self.params[n]) for n, t in self.grad_sum.items()}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         check_state_tensors(self.extra_state(), tensors, "spider")
         for key, tensor in tensors.items():
             kind, name = key.split("/", 1)
             target = self.theta0[name] if kind == "theta0" else self.grad_sum[name]
-            target.copy_(tensor)
+            target.copy_(shard_of(tensor, self.params[name]))
         self._pre_affine.clear()

@@ -1,0 +1,121 @@
+"""The training runner's own overhead, measured: what ``spider.train`` adds to the loop.
+
+The runner's own work is the per-parameter statistics (``layers.jsonl`` every
+``--log-every`` steps), the events and ``run.json`` progress, and checkpoints plus resume
+state every ``--save-every`` steps. Evaluation is reported apart: it is work the user asks
+for (``--eval-every``), not overhead.
+
+Side by side in one process, on the bundled model and ``builtin:counting`` at the runner's
+default settings (SPIDER, batch 16, log every 10 steps, checkpoint every 50), in interleaved
+rounds of 50 steps:
+
+* ``bare``: the project's loop with no-op hooks (SPIDER collects no statistics);
+* ``runner``: the same loop with the runner as its hooks (evaluation switched off).
+
+Overhead = (runner time - bare time) / runner time, from the medians over rounds; the time
+spent inside the runner's own writers is printed too (target: <= 10 %).
+
+Usage: ``python bench/bench_runner.py [--rounds 3] [--steps-per-round 50] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spider.loop import LoopHooks, train_loop  # noqa: E402
+from spider.train import RunConfig, Runner  # noqa: E402
+
+
+class Timed:
+    """Wraps a bound method and adds its wall time to a counter."""
+
+    def __init__(self, func, totals: dict, key: str):
+        self.func, self.totals, self.key = func, totals, key
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.func(*args, **kwargs)
+        finally:
+            self.totals[self.key] = self.totals.get(self.key, 0.0) + time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps-per-round", type=int, default=50)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        defaults = RunConfig()
+        cfg = RunConfig(output_dir=str(Path(tmp) / "run"), device=args.device,
+                        steps=10**6, eval_every=10**9)  # no evaluation inside the rounds
+        runner = Runner(cfg)
+        runner.begin()
+        totals: dict[str, float] = {}
+        runner.layer_rows = Timed(runner.layer_rows, totals, "statistics rows")
+        runner.save = Timed(runner.save, totals, "checkpoint + resume state")
+        runner.run.append_events = Timed(runner.run.append_events, totals, "events")
+        runner.run.append_layers = Timed(runner.run.append_layers, totals, "layers.jsonl")
+        runner.write_info = Timed(runner.write_info, totals, "run.json")
+        bare = LoopHooks()
+        times: dict[str, list[float]] = {"bare": [], "runner": []}
+        step = 0
+        n = args.steps_per_round
+        print(f"device {runner.device}, method {cfg.method}, batch {cfg.batch_size}, "
+              f"log every {cfg.log_every}, checkpoint every {cfg.save_every}, "
+              f"{sum(p.numel() for p in runner.method.params.values()):,} trained parameters, "
+              f"torch threads {torch.get_num_threads()}")
+        # warm-up (allocator, first-call costs) before anything is timed
+        runner.loop_cfg.steps = step + 3
+        step = train_loop(runner.train_model, runner.method, runner.optimizer, runner.get_batch,
+                          runner.loop_cfg, bare, start_step=step, device=runner.device)
+        for _ in range(args.rounds):
+            for name, hooks in (("bare", bare), ("runner", runner)):
+                # align rounds to the log/save grid so each runner round logs n/10 times and
+                # checkpoints n/50 times, as a default run does
+                step = -(-step // n) * n
+                runner.method.collect_statistics = False
+                runner.loop_cfg.steps = step + n
+                t0 = time.perf_counter()
+                step = train_loop(runner.train_model, runner.method, runner.optimizer,
+                                  runner.get_batch, runner.loop_cfg, hooks, start_step=step,
+                                  device=runner.device)
+                times[name].append(time.perf_counter() - t0)
+        bare_s, runner_s = statistics.median(times["bare"]), statistics.median(times["runner"])
+        # one evaluation as the runner does it (5 splits x --eval-limit examples), for scale
+        t0 = time.perf_counter()
+        runner.evaluate(step)
+        eval_s = time.perf_counter() - t0
+
+    rounds = args.rounds
+    print(f"\nrounds of {n} steps, median of {rounds}:")
+    print(f"  bare loop        {bare_s:7.2f} s   {n / bare_s:6.2f} steps/s")
+    print(f"  with the runner  {runner_s:7.2f} s   {n / runner_s:6.2f} steps/s")
+    overhead = (runner_s - bare_s) / runner_s
+    inside = sum(totals.values()) / rounds
+    print(f"  runner overhead  {100 * overhead:6.1f} % of step time (difference of medians; "
+          "target <= 10 %)")
+    print(f"  inside the runner's writers: {inside:.3f} s per round = "
+          f"{100 * inside / runner_s:.1f} % of the round")
+    for key, value in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"    {key:28s} {value / rounds:.3f} s per round")
+    per_step = runner_s / n
+    share = eval_s / (eval_s + defaults.eval_every * per_step)
+    print(f"\n  one evaluation ({len(runner.eval_sets)} splits x {cfg.eval_limit} examples): "
+          f"{eval_s:.2f} s = {share * 100:.0f} % of wall time at --eval-every "
+          f"{defaults.eval_every} (not overhead: asked for)")
+
+
+if __name__ == "__main__":
+    main()
