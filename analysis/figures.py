@@ -43,6 +43,7 @@ _METHOD_COLORS = {
     "hft": "#2ca02c", "lora": "#7f7f7f",
 }
 _SPLIT_DASH = {"upstream": "solid", "downstream": "dash"}
+_RUN_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "cross")
 NON_BLOCK = "non-block"
 """Layer label of parameters outside transformer blocks (embeddings, final norm, lm_head)."""
 
@@ -192,10 +193,15 @@ def tradeoff_plane(data: pd.DataFrame, h_levels: Sequence[float] = ISO_H_LEVELS)
     else:
         path = stats.score_table(data)
 
-    for run in pd.unique(path["run"]):
+    runs = pd.unique(path["run"])
+    seen_methods: dict[str, int] = {}
+    for run in runs:
         mine = path[path["run"] == run]
         method = str(mine["method"].iloc[0])
         color = method_color(method)
+        # runs of one method share its colour; their markers differ (e.g. full vs hybrid)
+        symbol = _RUN_SYMBOLS[seen_methods.get(method, 0) % len(_RUN_SYMBOLS)]
+        seen_methods[method] = seen_methods.get(method, 0) + 1
         label = f"{html.escape(str(run))} ({html.escape(method)})"
         hover = (f"<b>{label}</b><br>step %{{customdata[0]}}<br>U %{{x:.3f}}, D %{{y:.3f}}"
                  "<br>H %{customdata[1]:.3f}<extra></extra>")
@@ -210,9 +216,11 @@ def tradeoff_plane(data: pd.DataFrame, h_levels: Sequence[float] = ISO_H_LEVELS)
                 marker={"size": 5, "color": color}, customdata=custom, hovertemplate=hover,
             ))
         fig.add_trace(go.Scatter(
-            x=u[-1:], y=d[-1:], mode="markers+text", name=str(run), legendgroup=str(run),
-            text=[str(run)], textposition="top center",
-            marker={"size": 13, "color": color, "line": {"color": "black", "width": 1}},
+            # names beside the points only while few enough not to overprint each other
+            x=u[-1:], y=d[-1:], mode="markers+text" if len(runs) <= 4 else "markers",
+            name=str(run), legendgroup=str(run), text=[str(run)], textposition="top center",
+            marker={"size": 13, "color": color, "symbol": symbol,
+                    "line": {"color": "black", "width": 1}},
             customdata=custom[-1:], hovertemplate=hover, meta={"final": True},
         ))
     fig.update_layout(
@@ -222,6 +230,7 @@ def tradeoff_plane(data: pd.DataFrame, h_levels: Sequence[float] = ISO_H_LEVELS)
         yaxis={"title": "downstream score D (0–1)", "range": [0, 1.02],
                "scaleanchor": "x", "scaleratio": 1},
         legend_title_text="run (final step)",
+        height=600,  # the plane is square (equal units on both axes): give it room
     )
     return fig
 

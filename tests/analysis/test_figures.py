@@ -107,6 +107,9 @@ def test_tradeoff_plane_final_points_and_paths():
     finals2 = {t.name: (t.x[0], t.y[0]) for t in from_summary.data if t.meta and t.meta.get("final")}
     assert finals2["full-1"] == pytest.approx((0.3, 0.8))
     assert not any(t.name.endswith(" path") for t in from_summary.data)
+    # two runs of one method (full-1, full-2): one colour, told apart by their markers
+    assert finals["full-1"].marker.color == finals["full-2"].marker.color
+    assert finals["full-1"].marker.symbol != finals["full-2"].marker.symbol
 
 
 def test_mask_density_heatmap_values_and_fixed_range():
