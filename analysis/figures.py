@@ -43,6 +43,11 @@ _METHOD_COLORS = {
     "hft": "#2ca02c", "lora": "#7f7f7f",
 }
 _SPLIT_DASH = {"upstream": "solid", "downstream": "dash"}
+_DISCREPANCY_AXES = {  # value column -> y-axis title
+    "discrepancy_mean": "mean G − I (rank units; > 0: task values the weights more)",
+    "frac_ft_gt_pre": "share of weights with G > I",
+    "correlation": "correlation of I and G (Pearson r; 0: unrelated)",
+}
 _RUN_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "cross")
 NON_BLOCK = "non-block"
 """Layer label of parameters outside transformer blocks (embeddings, final norm, lm_head)."""
@@ -297,14 +302,16 @@ def mask_density_heatmap(layers_df: pd.DataFrame, run: str | None = None,
 
 def discrepancy_bars(discrepancy_df: pd.DataFrame, run: str | None = None,
                      step: int | None = None, value: str = "discrepancy_mean") -> go.Figure:
-    """Per-layer mean G − I (or fraction G > I) as bars coloured by component.
+    """Per-layer mean G − I (or fraction G > I, or correlation of I and G) as bars coloured by
+    component.
 
     Input: :func:`analysis.stats.layer_discrepancy`. ``step`` defaults to the run's last.
-    Positive bars: layers whose weights the task values more than pre-training did — where
-    SPIDER lets weights move.
+    Positive bars of G − I: layers whose weights the task values more than pre-training did —
+    where SPIDER lets weights move. A correlation near 0: the task relies on other weights
+    than pre-training did.
     """
-    if value not in ("discrepancy_mean", "frac_ft_gt_pre"):
-        raise ValueError(f"value must be 'discrepancy_mean' or 'frac_ft_gt_pre', got {value!r}")
+    if value not in _DISCREPANCY_AXES:
+        raise ValueError(f"value must be one of {', '.join(_DISCREPANCY_AXES)}, got {value!r}")
     stats.require_columns(
         discrepancy_df, ("run", "method", "step", "component", "layer", *stats.LAYER_DISCREPANCY_VALUES),
         "layer discrepancy DataFrame",
@@ -326,19 +333,17 @@ def discrepancy_bars(discrepancy_df: pd.DataFrame, run: str | None = None,
         x = [f"{component} {layer_label(layer)}" for layer in part["layer"]]
         custom = np.column_stack([
             part["discrepancy_mean"].to_numpy(float), part["frac_ft_gt_pre"].to_numpy(float),
-            part["numel"].to_numpy(float),
+            part["numel"].to_numpy(float), part["correlation"].to_numpy(float),
         ])
         fig.add_trace(go.Bar(
             x=x, y=part[value].to_numpy(float), name=component,
             marker_color=COMPONENT_COLORS.get(component, "#333333"), customdata=custom,
             hovertemplate=("<b>%{x}</b><br>mean G − I %{customdata[0]:+.4f}<br>"
                            "G > I on %{customdata[1]:.1%} of weights<br>"
+                           "correlation of I and G %{customdata[3]:.3f}<br>"
                            "%{customdata[2]:,.0f} weights<extra></extra>"),
         ))
-    if value == "discrepancy_mean":
-        ytitle = "mean G − I (rank units; > 0: task values the weights more)"
-    else:
-        ytitle = "share of weights with G > I"
+    ytitle = _DISCREPANCY_AXES[value]
     fig.update_layout(
         title=title, xaxis_title="layer (component, block index)", yaxis_title=ytitle,
         legend_title_text="component", bargap=0.15,
@@ -346,7 +351,7 @@ def discrepancy_bars(discrepancy_df: pd.DataFrame, run: str | None = None,
     )
     fig.update_xaxes(type="category", categoryorder="array",
                      categoryarray=[t for trace in fig.data for t in trace.x])
-    if value == "discrepancy_mean":
+    if value != "frac_ft_gt_pre":
         fig.add_hline(y=0, line_color="black", line_width=1)
     return fig
 

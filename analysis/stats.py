@@ -54,6 +54,9 @@ LAYERS_COLUMNS = (
     "importance_pre_mean",  # mean of I = rank(theta0)
     "importance_ft_mean",  # mean of G = rank(S)
     "frac_ft_gt_pre",  # fraction of entries with G > I
+    "importance_pre_sq_mean",  # mean of I^2  } second moments: the correlation of I and G
+    "importance_ft_sq_mean",  # mean of G^2   } pooled over any group of tensors
+    "importance_cross_mean",  # mean of I*G   } (NaN in runs logged before they were added)
     "update_norm",  # ||theta - theta0||_2 of the tensor
     "update_rel_norm",  # ||theta - theta0|| / ||theta0||
 )
@@ -62,7 +65,9 @@ SUMMARY_COLUMNS = ("run", "method", "U", "D", "H", "E", "F", "O")
 #: Outputs. ``by`` columns (default component, layer) sit between ``step`` and the values.
 LAYER_DISCREPANCY_VALUES = (
     "numel", "importance_pre_mean", "importance_ft_mean", "discrepancy_mean", "frac_ft_gt_pre",
+    "correlation",
 )
+_MOMENTS = ("importance_pre_sq_mean", "importance_ft_sq_mean", "importance_cross_mean")
 MASK_DENSITY_VALUES = ("numel", "mask_mean", "mask_density")
 UPDATE_SIZE_VALUES = ("numel", "update_norm", "theta0_norm", "update_rel_norm")
 UPDATE_SHARE_VALUES = ("numel", "update_sq", "share")
@@ -140,8 +145,10 @@ def layer_discrepancy(
 
     Per (run, step, component, layer): the numel-weighted means of I (``importance_pre``),
     G (``importance_ft``) and of G − I (``discrepancy_mean``; SPIDER frees a weight only
-    where G > I, DESIGN §1), and ``frac_ft_gt_pre``, the fraction of the layer's weights with
-    G > I (numel-weighted mean of the per-tensor fractions, i.e. the exact fraction).
+    where G > I, DESIGN §1), ``frac_ft_gt_pre``, the fraction of the layer's weights with
+    G > I (numel-weighted mean of the per-tensor fractions, i.e. the exact fraction), and
+    ``correlation``, Pearson's r of I and G over all the layer's weights, pooled exactly from
+    the per-tensor first and second moments (NaN where a run did not log the moments).
     Columns: run, method, step, *by, :data:`LAYER_DISCREPANCY_VALUES`.
     """
     by = _check_by(by)
@@ -155,11 +162,22 @@ def layer_discrepancy(
         discrepancy_mean=pd.to_numeric(layers_df["importance_ft_mean"], errors="coerce")
         - pd.to_numeric(layers_df["importance_pre_mean"], errors="coerce")
     )
+    for column in _MOMENTS:  # frames from older runs lack them
+        if column not in df.columns:
+            df[column] = np.nan
     keys = ["run", "method", "step", *by]
     out = _weighted_means(
         df, keys,
-        ("importance_pre_mean", "importance_ft_mean", "discrepancy_mean", "frac_ft_gt_pre"),
+        ("importance_pre_mean", "importance_ft_mean", "discrepancy_mean", "frac_ft_gt_pre",
+         *_MOMENTS),
     )
+    mean_i, mean_g = out["importance_pre_mean"], out["importance_ft_mean"]
+    var_i = out["importance_pre_sq_mean"] - mean_i**2
+    var_g = out["importance_ft_sq_mean"] - mean_g**2
+    cov = out["importance_cross_mean"] - mean_i * mean_g
+    # ranks lie in [0, 1]: a variance below 1e-12 is rounding, not spread
+    defined = (var_i > 1e-12) & (var_g > 1e-12)
+    out["correlation"] = (cov / np.sqrt(var_i.where(defined) * var_g.where(defined))).clip(-1, 1)
     return _finish(out, (*keys, *LAYER_DISCREPANCY_VALUES))
 
 

@@ -36,6 +36,11 @@ STAT_COLUMNS = (
     "importance_pre_mean",  # mean of I = rank(theta0)
     "importance_ft_mean",  # mean of G = rank(S)
     "frac_ft_gt_pre",  # fraction of entries with G > I
+    # second moments, so that the correlation of I and G can be pooled over any group of
+    # tensors (a layer, a module) exactly: corr = (IG - I*G) / sqrt((II - I^2)(GG - G^2))
+    "importance_pre_sq_mean",  # mean of I^2
+    "importance_ft_sq_mean",  # mean of G^2
+    "importance_cross_mean",  # mean of I*G
 )
 
 
@@ -134,6 +139,9 @@ class MethodBase:
                 row["importance_pre_mean"] = float(pre.mean())
                 row["importance_ft_mean"] = float(ft.mean())
                 row["frac_ft_gt_pre"] = float((ft > pre).float().mean())
+                row["importance_pre_sq_mean"] = float(pre.square().mean())
+                row["importance_ft_sq_mean"] = float(ft.square().mean())
+                row["importance_cross_mean"] = float((pre * ft).mean())
             out[name] = row
         return out
 

@@ -84,6 +84,9 @@ class KeepWeightStats:
     mask_sum: float = math.nan  # sum of the final w
     pre_sum: float = math.nan  # sum of I
     ft_sum: float = math.nan  # sum of G
+    pre_sq_sum: float = math.nan  # sum of I^2
+    ft_sq_sum: float = math.nan  # sum of G^2
+    cross_sum: float = math.nan  # sum of I*G
 
     def as_row(self) -> dict[str, float]:
         n = self.numel or math.nan
@@ -93,6 +96,9 @@ class KeepWeightStats:
             "importance_pre_mean": self.pre_sum / n,
             "importance_ft_mean": self.ft_sum / n,
             "frac_ft_gt_pre": self.nonzero / n,
+            "importance_pre_sq_mean": self.pre_sq_sum / n,
+            "importance_ft_sq_mean": self.ft_sq_sum / n,
+            "importance_cross_mean": self.cross_sum / n,
         }
 
 
@@ -155,8 +161,11 @@ def keep_weight_scaled(
     stats = KeepWeightStats(numel=float(theta0.numel()), nonzero=0.0)
     if collect:
         numel = torch.tensor(float(theta0.numel()), device=w.device)
-        sums = torch.stack([imp.sum(), w.sum(), numel]).double()
-        stats.pre_sum, stats.ft_sum, stats.numel = reduce(sums).tolist()
+        flat_i, flat_g = imp.reshape(-1), w.reshape(-1)
+        sums = torch.stack([imp.sum(), w.sum(), numel, torch.dot(flat_i, flat_i),
+                            torch.dot(flat_g, flat_g), torch.dot(flat_i, flat_g)]).double()
+        (stats.pre_sum, stats.ft_sum, stats.numel, stats.pre_sq_sum, stats.ft_sq_sum,
+         stats.cross_sum) = reduce(sums).tolist()
 
     if g_a == 0.0 and g_b == -math.inf:
         # S is all zeros (no gradient yet): G = 0 is never above I, nothing is free.

@@ -40,6 +40,7 @@ def _layers(n_layers: int, steps, seed: int = 0) -> pd.DataFrame:
                "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"]
     parsed = [parse_param_name(p) for p in params]
     n = len(params) * len(steps)
+    mean_i, mean_g = rng.random(n), rng.random(n)
     return pd.DataFrame({
         "run": "r", "method": "spider", "step": np.repeat(np.asarray(steps), len(params)),
         "param": params * len(steps),
@@ -49,8 +50,11 @@ def _layers(n_layers: int, steps, seed: int = 0) -> pd.DataFrame:
         "numel": ([4096 * 4096, 4096 * 11008] * n_layers + [32000 * 4096, 1024 * 1024])
         * len(steps),
         "mask_mean": rng.random(n), "mask_density": rng.random(n),
-        "importance_pre_mean": rng.random(n), "importance_ft_mean": rng.random(n),
+        "importance_pre_mean": mean_i, "importance_ft_mean": mean_g,
         "frac_ft_gt_pre": rng.random(n), "update_norm": rng.random(n),
+        # moments of ranks with variance 0.05 each and covariance in [-0.02, 0.02]
+        "importance_pre_sq_mean": mean_i**2 + 0.05, "importance_ft_sq_mean": mean_g**2 + 0.05,
+        "importance_cross_mean": mean_i * mean_g + 0.04 * rng.random(n) - 0.02,
         "update_rel_norm": rng.random(n),
     })
 
@@ -152,6 +156,12 @@ def test_discrepancy_bars_by_component_with_last_step():
     assert "G − I" in llm.hovertemplate
     frac = figures.discrepancy_bars(table, step=0, value="frac_ft_gt_pre")
     assert "step 0" in frac.layout.title.text
+    corr = figures.discrepancy_bars(table, value="correlation")
+    np.testing.assert_allclose(corr.data[1].y[:3], final["correlation"].to_numpy(float)[:3])
+    assert np.isfinite(corr.data[1].y[:3]).all() and (np.abs(corr.data[1].y[:3]) <= 0.4).all()
+    assert "correlation" in corr.layout.yaxis.title.text
+    with pytest.raises(ValueError, match="correlation"):
+        figures.discrepancy_bars(table, value="corr")
 
 
 def _spider_panels(rows: int, cols: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -55,6 +55,9 @@ def tensor_row(run, method, step, param, theta0, theta, importance_pre=None,
             importance_pre_mean=float(importance_pre.double().mean()),
             importance_ft_mean=float(importance_ft.double().mean()),
             frac_ft_gt_pre=float((importance_ft > importance_pre).double().mean()),
+            importance_pre_sq_mean=float(importance_pre.double().square().mean()),
+            importance_ft_sq_mean=float(importance_ft.double().square().mean()),
+            importance_cross_mean=float((importance_pre.double() * importance_ft).mean()),
         )
     return layer_row(run, method, step, param, theta0.numel(), **values)
 
@@ -132,6 +135,9 @@ def test_layer_discrepancy_equals_elementwise_over_the_whole_layer(spider_tensor
     )
     assert out["discrepancy_mean"] == pytest.approx(whole["discrepancy_mean"], abs=1e-7)
     assert out["frac_ft_gt_pre"] == pytest.approx(whole["frac_ft_gt_pre"], abs=1e-12)
+    # the correlation pooled from per-tensor moments is that of the concatenated layer
+    assert out["correlation"] == pytest.approx(whole["correlation"], abs=1e-5)
+    assert out["correlation"] != pytest.approx(0.0, abs=1e-3)  # a number, not a placeholder
 
 
 def test_tensor_discrepancy_on_a_real_spider_mask(spider_tensors):

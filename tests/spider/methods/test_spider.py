@@ -221,6 +221,32 @@ def test_bf16_parameters_keep_theta0_in_bf16():
         assert torch.equal(p[pinned], method.theta0[name][pinned])
 
 
+def test_statistics_collected_during_the_update_match_the_importances():
+    """The by-product statistics (one update's sums) equal the same quantities computed
+    from ``importances()`` and ``masks()`` after the update, including the second moments
+    from which the correlation of I and G is pooled."""
+    model = _mlp(3)
+    method = build_method("spider", model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    method.collect_statistics = True
+    method.after_optimizer_step()
+    collected = method.statistics()
+    imps, masks = method.importances(), method.masks()
+    for name, row in collected.items():
+        pre, ft, w = imps[name]["pre"], imps[name]["ft"], masks[name]
+        expected = {
+            "mask_mean": w.mean(), "mask_density": (w > 0).float().mean(),
+            "importance_pre_mean": pre.mean(), "importance_ft_mean": ft.mean(),
+            "frac_ft_gt_pre": (ft > pre).float().mean(),
+            "importance_pre_sq_mean": pre.square().mean(),
+            "importance_ft_sq_mean": ft.square().mean(),
+            "importance_cross_mean": (pre * ft).mean(),
+        }
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(float(value), rel=1e-5, abs=1e-7), (name, key)
+
+
 def test_sharded_statistics_equal_unsharded():
     """Sums all-reduced over shards give the same mask as the whole tensor.
 
