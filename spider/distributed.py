@@ -1,6 +1,6 @@
 """Training on several processes with PyTorch's own engines: DDP and FSDP2.
 
-The runner is launched once per process by ``torchrun`` (or ``accelerate launch``), which sets
+The runner is launched once per process by ``torchrun`` (or a launcher like it), which sets
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; ``setup`` joins the process group (NCCL on CUDA,
 gloo on CPU). Two ways to split the work:
 
