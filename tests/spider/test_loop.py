@@ -143,3 +143,19 @@ def test_param_groups_scale_the_scheduled_learning_rate():
     assert len(optimizer.param_groups) == 2
     train_loop(model, method, optimizer, _batches(), cfg, _Recorder())
     assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.1), pytest.approx(0.025)]
+
+
+def test_cuda_steps_run_in_bf16_autocast_and_cpu_steps_in_float32():
+    """The GPU path's precision choice, checked without a GPU: the context the loop enters
+    around forward passes is bf16 autocast for CUDA devices and nothing (float32) on CPU."""
+    import contextlib
+    import warnings
+
+    from spider.loop import autocast_for
+
+    with warnings.catch_warnings():  # a CPU-only build warns that CUDA is absent
+        warnings.simplefilter("ignore")
+        cuda_ctx = autocast_for(torch.device("cuda", 0))()
+    assert isinstance(cuda_ctx, torch.autocast)
+    assert cuda_ctx.device == "cuda" and cuda_ctx.fast_dtype == torch.bfloat16
+    assert isinstance(autocast_for(torch.device("cpu"))(), contextlib.nullcontext)
