@@ -56,6 +56,13 @@ class Dist:
     def active(self) -> bool:
         return self.world > 1
 
+    @property
+    def sees_whole_model(self) -> bool:
+        """Whether this process takes part in whole-model work (evaluation, statistics,
+        checkpoints): process 0 under DDP (every process holds the same model), every process
+        under FSDP2 (each holds a shard that the others need)."""
+        return self.is_main or self.mode == "fsdp"
+
     # -- collectives (no-ops in a single process)
     def barrier(self) -> None:
         if self.active:

@@ -257,7 +257,7 @@ class Runner(LoopHooks):
     def evaluate(self, step: int) -> dict[str, float]:
         from spider.evaluate import evaluate
 
-        if not (self.dist.is_main or self.dist.mode == "fsdp"):
+        if not self.dist.sees_whole_model:
             # DDP: process 0 evaluates its full copy of the model while the others wait;
             # FSDP2: every process takes part in every forward pass, on the same examples.
             self.dist.barrier()
@@ -334,7 +334,7 @@ class Runner(LoopHooks):
         Both hold whole tensors; under FSDP2 they are gathered one at a time (every process
         takes part) and process 0 writes them.
         """
-        if not (self.dist.is_main or self.dist.mode == "fsdp"):
+        if not self.dist.sees_whole_model:
             return  # DDP: every process holds the same state; process 0 writes it
         state = self.method.state_dict()
         analysis = {
@@ -410,7 +410,7 @@ class Runner(LoopHooks):
         self.pending.append({"event": "train", **record})
         log_now = step % cfg.log_every == 0 or step == cfg.steps
         if log_now:
-            if self.dist.is_main or self.dist.mode == "fsdp":  # update norms are collective
+            if self.dist.sees_whole_model:
                 rows = self.layer_rows(step)
             if self.dist.is_main:
                 self.run.append_events(self.pending)
