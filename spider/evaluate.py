@@ -21,6 +21,15 @@ from spider.data.records import Example
 from spider.errors import UserError, cli_main, positive_int
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's end-of-sequence token and every one the
+    model's generation config names (Gemma 3 stops at ``<end_of_turn>`` as well as ``<eos>``)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -40,6 +49,7 @@ def generate_answers(
         raise UserError(f"batch size must be at least 1, not {batch_size}.")
     collate = GenerationCollator(processor)
     tokenizer = processor.tokenizer
+    stop_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     float_dtype = next(model.parameters()).dtype
     was_training = model.training
@@ -51,6 +61,7 @@ def generate_answers(
             inputs = collate(batch)
             inputs = {
                 k: v.to(device, dtype=float_dtype if v.is_floating_point() else None)
+                if torch.is_tensor(v) else v
                 for k, v in inputs.items()
             }
             output = model.generate(
@@ -61,7 +72,7 @@ def generate_answers(
                 pad_token_id=tokenizer.pad_token_id
                 if tokenizer.pad_token_id is not None
                 else tokenizer.eos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids,
             )
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -118,6 +129,18 @@ def _parser() -> argparse.ArgumentParser:
         "--split", default="test", help="split of a built-in dataset (default: test)"
     )
     parser.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder that a JSON file's image paths are relative to (LLaVA's --image-folder; "
+        "default: the JSON file's folder)",
+    )
+    parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="evaluate only the records of a JSON file that spider.train holds out of "
+        "training when it has no --eval-data (1 in 20, evenly spaced)",
+    )
+    parser.add_argument(
         "--limit",
         type=positive_int,
         default=None,
@@ -156,7 +179,11 @@ def main(argv: list[str] | None = None) -> None:
 
     log(f"loading model {args.model}")
     model, processor = load_model(args.model, device=args.device)
-    dataset = load_dataset(args.data, split=args.split, seed=args.seed)
+    if args.held_out and args.data.startswith("builtin:"):
+        raise UserError("--held-out applies to a JSON --data file; built-in data has a test split.")
+    dataset = load_dataset(args.data, split="test" if args.held_out else args.split,
+                           seed=args.seed, image_folder=args.image_folder,
+                           hold_out=args.held_out)
     total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     log(
         f"evaluating {total} examples of {args.data} ({args.split}) on {next(model.parameters()).device}"
@@ -170,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens,
         progress=lambda done, n: log(f"  {done}/{n} answered"),
     )
-    print(json.dumps({"model": args.model, "data": args.data, "split": args.split, **result}))
+    split = "held-out" if args.held_out else args.split
+    print(json.dumps({"model": args.model, "data": args.data, "split": split, **result}))
 
 
 if __name__ == "__main__":

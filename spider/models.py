@@ -1,13 +1,16 @@
 """Loading local image-text-to-text models, choosing what trains, and the bundled tiny LLaVA.
 
 Any directory that ``transformers`` Auto classes load as an image-text-to-text model works
-(LLaVA family first). Nothing is downloaded: loading is ``local_files_only`` and
+(LLaVA-1.5/NeXT/OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, PaliGemma, Gemma 3,
+InternVL, Mistral 3 are tested). Nothing is downloaded: loading is ``local_files_only`` and
 ``trust_remote_code`` stays off, so a typo in a path is an error here rather than a hub
-request.
+request, and code shipped in a model directory is never run. Processors that would need
+torchvision are assembled without it (see "Processors, with or without torchvision").
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from spider.data.text import WORDS
 from spider.errors import UserError
 from spider.naming import parse_param_name
 from spider.rundir import (
@@ -28,9 +32,9 @@ from spider.rundir import (
 COMPONENTS = ("vision", "projector", "llm", "other")
 TRAINABLE_PARTS = ("vision", "projector", "llm")
 
-# The word-splitting rule shared with ``spider.data.split_words`` (applied to lowercased
-# text): runs of letters/digits are words, every other non-space character stands alone.
-WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"
+# The word-splitting rule of ``spider.data.split_words`` (applied to lowercased text): runs
+# of letters/digits are words, every other non-space character stands alone.
+WORD_PATTERN = WORDS
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 
@@ -126,7 +130,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     a ``torch.dtype`` or its name (``"bfloat16"``), ``None`` for the checkpoint's own. The model
     comes back in eval mode; the caller switches to train mode when training.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+    from transformers import AutoModelForImageTextToText, ProcessorMixin
 
     checkpoint = Path(path) if is_checkpoint(path) else None
     path = Path(resolve_model_path(path))
@@ -134,14 +138,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     torch_dtype = _resolve_dtype(dtype)
     _check_model_dir(path)
     _check_model_files(path)
-    try:
-        processor = AutoProcessor.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(
-            f"could not load the processor of '{path}': {_first_sentence(err)}"
-        ) from None
+    processor = load_processor(path)
     if (
         not isinstance(processor, ProcessorMixin)
         or getattr(processor, "image_processor", None) is None
@@ -151,7 +148,11 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
             "cannot be prepared for it."
         )
     tokenizer = getattr(processor, "tokenizer", None)
-    if processor.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+    if (
+        processor.chat_template is None
+        and getattr(tokenizer, "chat_template", None) is None
+        and not takes_suffix(processor)
+    ):
         raise UserError(
             f"model directory '{path}' has no chat template (chat_template.jinja), which is "
             "needed to format questions the way the model was trained."
@@ -162,6 +163,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, **kwargs
         )
+    except ImportError as err:
+        raise UserError(_missing_package(path, "model", err)) from None
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the model in '{path}': {_first_sentence(err)}") from None
     if checkpoint is not None:
@@ -169,6 +172,202 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     model.to(target)
     model.eval()
     return model, processor
+
+
+# ----------------------------------------------------------------------------------------------
+# Processors, with or without torchvision
+#
+# transformers' processors load their image processor with the torchvision backend when it is
+# installed and with PIL otherwise, but a processor that also handles video insists on a video
+# processor, which needs torchvision, and Pixtral's processor module imports its torchvision
+# image processor. With the CPU build of torch there is no torchvision that imports (PyPI's
+# wheel is built against the CUDA build). Spiderscope trains on images only, so such a
+# processor is assembled from its parts through public APIs: the tokenizer, the family's PIL
+# image processor, the saved processor settings and chat template, and no video processor.
+
+
+def takes_suffix(processor) -> bool:
+    """Whether ``processor`` follows the prompt + ``suffix`` convention for training examples
+    (PaliGemma, which ships no chat template): it then builds labels and token types itself."""
+    try:
+        return "suffix" in inspect.signature(type(processor).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+_WITHOUT_VIDEO: dict[type, type] = {}
+
+
+def without_video_processor(processor_class: type) -> type:
+    """``processor_class`` without its video part (image-only use, no torchvision needed).
+
+    Every other behaviour is the family's own: the subclass only leaves ``video_processor``
+    out of the processor's parts (its constructor then ignores the ``None`` given for it,
+    and saving writes the other parts), and keeps the class name so a processor saved from
+    it loads back as the family's processor.
+    """
+    if "video_processor" not in processor_class.get_attributes():
+        return processor_class
+    if processor_class not in _WITHOUT_VIDEO:
+
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in processor_class.get_attributes() if a != "video_processor"]
+
+        _WITHOUT_VIDEO[processor_class] = type(processor_class.__name__, (processor_class,), {
+            "get_attributes": get_attributes,
+            "__doc__": f"{processor_class.__name__} without a video processor (images only).",
+        })
+    return _WITHOUT_VIDEO[processor_class]
+
+
+def _processor_module(class_name: str):
+    """The module that defines ``class_name`` (a processor class of ``transformers``)."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for model_type, name in PROCESSOR_MAPPING_NAMES.items():
+        if name == class_name:
+            module = model_type_to_module_name(model_type)
+            try:
+                return importlib.import_module(f"transformers.models.{module}.processing_{module}")
+            except ModuleNotFoundError as err:
+                if err.name != "torchvision":
+                    continue
+                return _import_with_pil_image_processing(module)
+    return None
+
+
+def image_only_processor_class(class_name: str) -> type | None:
+    """The ``transformers`` processor class ``class_name``, importable and constructible
+    without torchvision (see :func:`without_video_processor`); ``None`` if unknown."""
+    module = _processor_module(class_name)
+    found = getattr(module, class_name, None) if module is not None else None
+    return without_video_processor(found) if isinstance(found, type) else None
+
+
+def _import_with_pil_image_processing(module: str):
+    """Import ``processing_<module>`` whose module imports the torchvision image processor
+    (for a helper function): the PIL twin module stands in while it is imported, then goes."""
+    import importlib
+    import sys
+
+    base = f"transformers.models.{module}"
+    tv_name, pil_name = f"{base}.image_processing_{module}", f"{base}.image_processing_pil_{module}"
+    try:
+        pil_module = importlib.import_module(pil_name)
+    except ModuleNotFoundError:
+        return None
+    sys.modules[tv_name] = pil_module
+    try:
+        return importlib.import_module(f"{base}.processing_{module}")
+    except ModuleNotFoundError:
+        return None
+    finally:
+        if sys.modules.get(tv_name) is pil_module:
+            del sys.modules[tv_name]
+
+
+def _processor_class_name(path: Path) -> str | None:
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                found = json.loads(file.read_text()).get("processor_class")
+            except (OSError, ValueError, AttributeError):
+                found = None
+            if isinstance(found, str):
+                return found
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    return PROCESSOR_MAPPING_NAMES.get(model_type)
+
+
+def _assemble_processor(path: Path):
+    """The processor of ``path`` built from its tokenizer and PIL image processor, without a
+    video processor (see above); ``None`` when the family cannot be built that way."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    class_name = _processor_class_name(path)
+    processor_class = image_only_processor_class(class_name) if class_name else None
+    if processor_class is None:
+        return None
+    family_class = processor_class.__mro__[1] if processor_class in _WITHOUT_VIDEO.values() \
+        else processor_class
+    parts = []
+    for attribute in family_class.get_attributes():  # in the constructor's order
+        if attribute == "video_processor":
+            parts.append(None)
+            continue
+        if attribute == "tokenizer":
+            parts.append(AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                       trust_remote_code=False))
+        elif attribute == "image_processor":
+            parts.append(AutoImageProcessor.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False, backend="pil"))
+        else:
+            return None  # an audio part or the like: not an image-text processor
+    processor_dict, init_kwargs = processor_class.get_processor_dict(path, local_files_only=True)
+    return processor_class.from_args_and_dict(parts, processor_dict, **init_kwargs)
+
+
+def _missing_package(path: Path, what: str, err: ImportError) -> str:
+    name = getattr(err, "name", None)
+    text = str(err)
+    if not name:
+        for candidate in ("torchvision", "num2words", "timm", "einops", "sentencepiece"):
+            if candidate in text.lower():
+                name = candidate
+                break
+    if name == "torchvision":
+        return (f"the {what} of '{path}' needs the torchvision package, which is not installed "
+                "(no torchvision wheel imports beside the CPU build of torch).")
+    if name:
+        return f"the {what} of '{path}' needs the Python package '{name}', which is not installed."
+    return f"could not load the {what} of '{path}': {_first_sentence(err)}"
+
+
+def load_processor(path: str | Path):
+    """The processor of a local model directory (``trust_remote_code`` off, no downloads).
+
+    ``AutoProcessor`` first; where it fails because torchvision is missing, the processor is
+    assembled from the family's PIL image processor and tokenizer without a video part.
+    A package that is still missing is a ``UserError`` naming it.
+    """
+    from transformers import AutoProcessor
+
+    path = Path(path)
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError) as err:
+        failure = err
+    if not _torchvision_available():
+        try:
+            assembled = _assemble_processor(path)
+        except ImportError as err:
+            raise UserError(_missing_package(path, "processor", err)) from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            assembled = None
+        if assembled is not None:
+            return assembled
+    if isinstance(failure, ImportError):
+        raise UserError(_missing_package(path, "processor", failure)) from None
+    if "torchvision" in str(failure) and not _torchvision_available():
+        # e.g. "Could not load any image processor class ... Missing optional dependencies:
+        # torchvision": an image processor that exists only with the torchvision backend
+        raise UserError(_missing_package(path, "processor", ImportError(name="torchvision")))
+    raise UserError(
+        f"could not load the processor of '{path}': {_first_sentence(failure)}"
+    ) from None
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="which split of a built-in dataset (default: train)")  # fmt: skip
         p.add_argument("--seed", type=int, default=0,
                        help="seed of a built-in dataset (default: 0)")  # fmt: skip
+        p.add_argument("--image-folder", default=None,
+                       help="folder that a JSON file's image paths are relative to (LLaVA's "
+                            "--image-folder; default: the JSON file's folder)")  # fmt: skip
 
     show = sub.add_parser("show", help="print a few examples")
     common(show)
@@ -61,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  builtin:{name}:{cell}")
         return
     if args.command == "show":
-        ds = load_dataset(args.spec, args.split, args.seed)
+        ds = load_dataset(args.spec, args.split, args.seed, image_folder=args.image_folder)
         print(f"{ds.name} ({ds.split}): {len(ds)} examples, tasks {', '.join(ds.tasks)}")
         for i in range(min(args.n, len(ds))):
             ex = ds[i]
-            w, h = ex.image.size
-            print(f"\n{ex.id}  task={ex.task} metric={ex.metric} image={w}x{h}")
+            sizes = ",".join(f"{im.size[0]}x{im.size[1]}" for im in ex.images) or "none"
+            print(f"\n{ex.id}  task={ex.task} metric={ex.metric} image={sizes}")
             for turn in ex.turns:
                 print(f"  human: {_one_line(turn.human)}")
                 print(f"  gpt:   {turn.gpt}")
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  references: {ex.references}")
         return
     # export
-    ds = load_dataset(args.spec, args.split, args.seed, size=args.limit)
+    ds = load_dataset(args.spec, args.split, args.seed, size=args.limit,
+                      image_folder=args.image_folder)
     try:
         path = write_llava_json(ds, args.dir, force=args.force)
     except OSError as err:

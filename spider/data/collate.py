@@ -1,41 +1,58 @@
 """Examples -> model inputs, the same prompt format for training and generation.
 
-The format comes from the processor's own chat template (the image first in the first user
-message), so any LLaVA-style processor that has a template works, and a model is always
-asked questions the way it was trained.
+The whole batch goes through the model's own processor in one call, so every tensor the
+processor makes reaches the model exactly as the processor makes it: ``pixel_values`` and
+``input_ids`` as well as ``image_grid_thw``, ``mm_token_type_ids`` (Qwen2-VL's multimodal
+rotary positions), ``token_type_ids`` (Gemma 3's and PaliGemma's bidirectional attention
+over the image), ``pixel_attention_mask``, ``image_sizes``, ``num_crops``... Images go in as
+one list per example (Gemma 3, SmolVLM and Idefics3 need that); a text-only example has an
+empty list and the language model alone sees it.
 
-Training sequences are cut into segments at the template's answer boundaries::
+Two prompt conventions:
 
-    [prompt 1 (with image tokens)] [answer 1 + eos] [prompt 2] [answer 2 + eos] ...
-     labels -100                    trained          -100       trained
-
-The first prompt goes through the processor (which expands ``<image>`` into image tokens and
-makes ``pixel_values``); later segments through its tokenizer alone. A segment boundary is
-found by rendering the conversation up to a question with the generation prompt and up to
-its answer without, and taking the difference: that works for any template where earlier
-turns render the same whatever follows them.
+- **Chat template** (most families). The conversation is rendered with the processor's
+  template, images first in the first user message (the template places them, before or
+  after the text, as the family does). The answers are located by rendering the same
+  conversation with a unique stand-in for each answer: the text around the stand-ins is
+  the template's, so this works for templates that render an answer turn differently from
+  the generation prompt (LLaVA-OneVision prompts ``<|im_start|>assistant\\n`` but renders
+  ``<|im_start|>assistant \\n`` before an answer). Each answer is trained together with the
+  end-of-turn marker the template writes after it; a template that writes none (LLaVA-1.5
+  ends answers with a space) gets the tokenizer's end-of-sequence token after each answer,
+  so the model learns to stop. Everything else (template, questions, image tokens, pads) is
+  -100 in ``labels``.
+- **Prompt + suffix** (PaliGemma, which ships no chat template): the processor takes the
+  question as the prompt and the answer as ``suffix`` and builds ``labels`` and
+  ``token_type_ids`` itself. Earlier turns of a conversation become part of the prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from spider.data.records import IMAGE_MARKER, Example, Turn
 from spider.errors import UserError
 
-# Processor outputs aligned with the text (rebuilt here) rather than with the images.
-_TEXT_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
+# Processor outputs with one entry per token; truncation cuts them together.
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
+# Stands in for the i-th answer while rendering: private-use characters, never in real text,
+# and untouched by the filters templates apply to content (trim, upper...).
+_ANSWER_STAND_IN = "\ue000{}\ue001"
 
 
 def _strip_marker(text: str) -> str:
-    """The human text without the ``<image>`` marker (the template places the image)."""
+    """The human text without ``<image>`` markers (the template places the images)."""
     return text.replace(IMAGE_MARKER, "").strip()
 
 
-def _messages(turns: Sequence[Turn | tuple[str, str]], question: str | None) -> list[dict]:
-    """Chat messages for ``turns`` (answered) and optionally a final unanswered question."""
+def _messages(
+    turns: Sequence[Turn | tuple[str, str]], question: str | None, n_images: int
+) -> list[dict]:
+    """Chat messages for ``turns`` (answered) and optionally a final unanswered question;
+    ``n_images`` image items open the first user message."""
     pairs = [(t.human, t.gpt) if isinstance(t, Turn) else (t[0], t[1]) for t in turns]
     messages: list[dict] = []
     for human, gpt in pairs:
@@ -48,95 +65,191 @@ def _messages(turns: Sequence[Turn | tuple[str, str]], question: str | None) -> 
             {"role": "user", "content": [{"type": "text", "text": _strip_marker(question)}]}
         )
     if messages:
-        messages[0]["content"].insert(0, {"type": "image"})
+        messages[0]["content"][:0] = [{"type": "image"} for _ in range(n_images)]
     return messages
 
 
-def _render(processor, messages: list[dict], generation_prompt: bool) -> str:
+def chat_template(processor) -> str | None:
+    """The processor's chat template, or its tokenizer's (some models keep it there)."""
     template = getattr(processor, "chat_template", None)
-    if template is None:  # some models keep it with the tokenizer only
+    if template is None:
         template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    return template
+
+
+def uses_suffix(processor) -> bool:
+    """Whether examples go to ``processor`` as prompt + ``suffix`` (no chat template)."""
+    from spider.models import takes_suffix
+
+    return chat_template(processor) is None and takes_suffix(processor)
+
+
+def _render(processor, messages: list[dict], generation_prompt: bool) -> str:
+    template = chat_template(processor)
     if template is None:
         raise UserError(
             f"the processor ({type(processor).__name__}) has no chat template, so prompts cannot "
             "be formatted; save the model directory with one (chat_template.jinja)."
         )
-    return processor.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    kwargs = {"chat_template": template, "tokenize": False,
+              "add_generation_prompt": generation_prompt}
+    try:
+        return processor.apply_chat_template(messages, **kwargs)
+    except AttributeError:
+        if getattr(processor, "video_processor", None) is not None:
+            raise
+        # A family's own apply_chat_template may read video defaults (SmolVLM's does); a
+        # processor assembled without its video part renders with the common one.
+        from transformers import ProcessorMixin
+
+        return ProcessorMixin.apply_chat_template(processor, messages, **kwargs)
 
 
-def prompt_text(processor, turns_before: Sequence[Turn | tuple[str, str]], question: str) -> str:
+def prompt_text(
+    processor, turns_before: Sequence[Turn | tuple[str, str]], question: str, n_images: int = 1
+) -> str:
     """The text a model sees before answering ``question`` after ``turns_before``.
 
-    Rendered with the processor's chat template and its generation prompt; the image goes
-    first in the first user message, and any ``<image>`` marker in the texts is dropped.
+    Rendered with the processor's chat template and its generation prompt; ``n_images``
+    images open the first user message, and any ``<image>`` marker in the texts is dropped.
+    For a prompt + suffix processor: the earlier turns and the question, one per line.
     """
-    return _render(processor, _messages(turns_before, question), generation_prompt=True)
+    if uses_suffix(processor):
+        return _suffix_prompt(processor, turns_before, question, n_images)
+    return _render(processor, _messages(turns_before, question, n_images), generation_prompt=True)
 
 
-def _segments(processor, example: Example) -> list[tuple[str, bool]]:
-    """``(text, trained)`` pieces of ``example``'s conversation, in order."""
+def _suffix_prompt(
+    processor, turns_before: Sequence[Turn | tuple[str, str]], question: str, n_images: int
+) -> str:
+    """The family's own prompt: its image token once per image, then the text (the
+    processor adds what follows the images, e.g. PaliGemma's BOS, and the newline)."""
+    lines = []
+    for turn in turns_before:
+        human, gpt = (turn.human, turn.gpt) if isinstance(turn, Turn) else turn
+        lines += [_strip_marker(human), gpt.strip()]
+    image_token = getattr(processor, "image_token", None) or IMAGE_MARKER
+    return image_token * n_images + "\n".join([*lines, _strip_marker(question)])
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation rendered for training: its text and the character spans trained
+    (each answer with the end-of-turn marker after it)."""
+
+    text: str
+    trained: list[tuple[int, int]]
+
+
+def render_for_training(processor, example: Example) -> Rendered:
+    """The training text of ``example`` and where its answers are (see the module doc)."""
     turns = example.turns
-    full = _render(processor, _messages(turns, None), generation_prompt=False)
-    segments: list[tuple[str, bool]] = []
-    done = 0  # characters of ``full`` already assigned to a segment
-    for i, turn in enumerate(turns):
-        asked = prompt_text(processor, turns[:i], turn.human)
-        answered = _render(processor, _messages(turns[: i + 1], None), generation_prompt=False)
-        if not (
-            asked.startswith(full[:done])
-            and answered.startswith(asked)
-            and full.startswith(answered)
-        ):
+    n_images = len(example.images)
+    stand_ins = [_ANSWER_STAND_IN.format(i) for i in range(len(turns))]
+    with_stand_ins = [(t.human, s) for t, s in zip(turns, stand_ins)]
+    skeleton = _render(processor, _messages(with_stand_ins, None, n_images), False)
+    pieces = []
+    rest = skeleton
+    for stand_in in stand_ins:
+        before, found, rest = rest.partition(stand_in)
+        if not found or stand_in in rest:
             raise UserError(
-                f"example '{example.id}': the chat template renders earlier turns differently "
-                "once later ones follow, so answers cannot be located for training."
+                f"example '{example.id}': the chat template does not render each answer exactly "
+                "once, so answers cannot be located for training."
             )
-        segments.append((asked[done:], False))
-        segments.append((answered[len(asked) :], True))
-        done = len(answered)
-    return segments
+        pieces.append(before)
+    pieces.append(rest)
+
+    eos_text = getattr(processor.tokenizer, "eos_token", None)
+    text, plain, trained = pieces[0], pieces[0], []
+    for i, turn in enumerate(turns):
+        answer = turn.gpt.strip()
+        # what the template writes right after this answer when it ends the conversation
+        alone = _render(processor, _messages(with_stand_ins[: i + 1], None, n_images), False)
+        marker = alone[alone.index(stand_ins[i]) + len(stand_ins[i]):].rstrip()
+        start = len(text)
+        if marker and pieces[i + 1].startswith(marker):
+            text += answer
+            trained.append((start, len(text) + len(marker)))
+        elif eos_text:
+            text += answer + eos_text  # the template ends no answer: teach stopping anyway
+            trained.append((start, len(text)))
+        else:
+            text += answer
+            trained.append((start, len(text)))
+        text += pieces[i + 1]
+        plain += answer + pieces[i + 1]
+
+    real_turns = [(t.human, t.gpt.strip()) for t in turns]
+    if _render(processor, _messages(real_turns, None, n_images), False) != plain:
+        raise UserError(
+            f"example '{example.id}': the chat template changes the answers' text, so answers "
+            "cannot be located for training."
+        )
+    return Rendered(text, trained)
 
 
 def _check_batch(examples: Sequence[Example]) -> None:
+    from PIL import Image
+
     if not examples:
         raise UserError("cannot collate an empty batch of examples.")
     for example in examples:
-        _check_image(example)
-
-
-def _check_image(example: Example) -> None:
-    from PIL import Image
-
-    if not isinstance(example.image, Image.Image):
-        raise UserError(
-            f"example '{example.id}': image is a {type(example.image).__name__}, not a PIL image."
-        )
-    if example.image.mode != "RGB":
-        raise UserError(
-            f"example '{example.id}': image has mode '{example.image.mode}', but the processor "
-            "takes RGB images."
-        )
-    if not example.turns:
-        raise UserError(f"example '{example.id}' has no conversation turns.")
-
-
-def _process(processor, examples: Sequence[Example], prompts: list[str], **kwargs):
-    """Run the processor on a batch; on failure find and name the example it choked on."""
-    images = [ex.image for ex in examples]
-    try:
-        return processor(text=prompts, images=images, return_tensors="pt", **kwargs)
-    except Exception:  # any processor failure: find which example caused it
-        for example, prompt in zip(examples, prompts):
-            try:
-                processor(text=[prompt], images=[example.image], return_tensors="pt")
-            except Exception as err:
-                reason = " ".join(str(err).split()) or type(err).__name__
+        for image in example.images:
+            if not isinstance(image, Image.Image):
                 raise UserError(
-                    f"example '{example.id}': the processor could not take it ({reason})."
-                ) from None
-        raise
+                    f"example '{example.id}': image is a {type(image).__name__}, not a PIL image."
+                )
+            if image.mode != "RGB":
+                raise UserError(
+                    f"example '{example.id}': image has mode '{image.mode}', but the processor "
+                    "takes RGB images."
+                )
+        if not example.turns:
+            raise UserError(f"example '{example.id}' has no conversation turns.")
+
+
+def _images_argument(examples: Sequence[Example]):
+    """One list of images per example, or ``None`` for a batch without any image."""
+    nested = [ex.images for ex in examples]
+    return nested if any(nested) else None
+
+
+def _process(processor, examples: Sequence[Example], texts: list[str], **kwargs):
+    """Run the processor on a batch; on failure find and name the example it choked on."""
+    try:
+        return processor(text=texts, images=_images_argument(examples), return_tensors="pt",
+                         **kwargs)
+    except Exception as batch_error:  # any processor failure: find which example caused it
+        suffixes = kwargs.get("suffix")
+        for i, (example, text) in enumerate(zip(examples, texts)):
+            one = {} if suffixes is None else {"suffix": suffixes[i:i + 1]}
+            try:
+                processor(text=[text], images=_images_argument([example]), return_tensors="pt",
+                          **one)
+            except Exception as err:
+                raise UserError(_processor_refusal(processor, example, err)) from None
+        reason = " ".join(str(batch_error).split()) or type(batch_error).__name__
+        raise UserError(
+            f"the processor ({type(processor).__name__}) could not take a batch mixing "
+            f"examples {', '.join(repr(e.id) for e in examples[:3])}... ({reason})."
+        ) from None
+
+
+def _processor_refusal(processor, example: Example, err: Exception) -> str:
+    name = type(processor).__name__
+    n = len(example.images)
+    if n == 0:
+        return (f"example '{example.id}' is text-only, but the processor ({name}) does not take "
+                "an example without an image.")
+    if n > 1:
+        return (f"example '{example.id}' has {n} images, but the processor ({name}) could not "
+                f"take several images in one example ({_one_line(err)}).")
+    return f"example '{example.id}': the processor could not take it ({_one_line(err)})."
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -158,83 +271,112 @@ def ensure_pad_token(tokenizer) -> None:
     )
 
 
-def _image_inputs(encoded) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in encoded.items() if k not in _TEXT_KEYS}
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _trained_positions(tokenizer, rendered: Rendered) -> tuple[list[int], int]:
+    """Indices of trained tokens in ``tokenizer(rendered.text)``, and that tokenization's
+    length. A span's edge is where the tokenization of the text up to it stops agreeing
+    with the whole text's: a token straddling an answer's start is trained, one straddling
+    its end is not, and tokens a tokenizer appends (an end-of-sequence) never count."""
+    whole = tokenizer(rendered.text)["input_ids"]
+    positions: list[int] = []
+    for start, end in rendered.trained:
+        first = _common_prefix(tokenizer(rendered.text[:start])["input_ids"], whole)
+        last = _common_prefix(tokenizer(rendered.text[:end])["input_ids"], whole)
+        positions += range(first, last)
+    return positions, len(whole)
 
 
 class TrainCollator:
-    """``list[Example]`` -> ``input_ids``, ``attention_mask``, ``pixel_values``, ``labels``.
+    """``list[Example]`` -> the processor's tensors for the whole conversations + ``labels``.
 
-    Trains on the answers only: every prompt token (template, question, image tokens) and
-    every pad is -100 in ``labels``; each answer and the end-of-sequence token after it are
-    trained, in every turn. Right padding. Sequences longer than ``max_length`` lose tokens
-    from the end; the first prompt (with its image tokens) is never cut, and an example whose
-    first prompt leaves no room for an answer token is an error.
+    Right padding. Sequences longer than ``max_length`` lose tokens from the end (every
+    per-token tensor alike); an example whose first answer starts beyond ``max_length`` (so
+    its image tokens or first question would be cut) is an error.
     """
 
-    def __init__(self, processor, max_length: int = 512):
+    def __init__(self, processor, max_length: int = 2048):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
+        self.suffix = uses_suffix(processor)
         ensure_pad_token(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eos_id = self.tokenizer.eos_token_id
-
-    def _answer_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.eos_id is not None and self.eos_id not in ids:
-            ids = ids + [self.eos_id]  # the template does not end answers; teach stopping
-        return ids
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         _check_batch(examples)
-        segments = [_segments(self.processor, ex) for ex in examples]
-        encoded = _process(
-            self.processor, examples, [segs[0][0] for segs in segments], padding=True
-        )
+        if self.suffix:
+            batch = self._suffix_batch(examples)
+        else:
+            batch = self._chat_batch(examples)
+        return self._truncate(examples, batch)
 
-        rows, label_rows = [], []
-        for i, (example, segs) in enumerate(zip(examples, segments)):
-            prompt_ids = encoded["input_ids"][i][encoded["attention_mask"][i].bool()].tolist()
-            if len(prompt_ids) >= self.max_length:
+    def _suffix_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        prompts = [_suffix_prompt(self.processor, ex.turns[:-1], ex.turns[-1].human,
+                                  len(ex.images)) for ex in examples]
+        encoded = _process(self.processor, examples, prompts, padding=True,
+                           padding_side="right", suffix=[ex.answer.strip() for ex in examples])
+        batch = dict(encoded)
+        labels = torch.as_tensor(batch["labels"]).clone()
+        labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        return batch
+
+    def _chat_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        rendered = [render_for_training(self.processor, ex) for ex in examples]
+        encoded = _process(self.processor, examples, [r.text for r in rendered], padding=True,
+                           padding_side="right")
+        batch = dict(encoded)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(ids, -100)
+        for row, (example, one) in enumerate(zip(examples, rendered)):
+            positions, n_text = _trained_positions(self.tokenizer, one)
+            length = int(mask[row].sum())
+            # The processor expands image placeholders, all of them before the first answer:
+            # past them its tokens are the tokenizer's, shifted by the expansion.
+            shift = length - n_text
+            text_ids = self.tokenizer(one.text)["input_ids"]
+            tail = min(positions) if positions else n_text
+            if shift < 0 or ids[row, shift + tail:length].tolist() != text_ids[tail:]:
+                raise UserError(
+                    f"example '{example.id}': the processor's tokens do not match the "
+                    "conversation's text after the images, so answers cannot be located."
+                )
+            index = torch.tensor(positions, dtype=torch.long) + shift
+            labels[row, index] = ids[row, index]
+        batch["labels"] = labels
+        return batch
+
+    def _truncate(self, examples, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = batch["labels"]
+        for row, example in enumerate(examples):
+            trained = (labels[row] != -100).nonzero()
+            if len(trained) and int(trained[0]) >= self.max_length:
                 raise UserError(
                     f"example '{example.id}': its image tokens and first question take "
-                    f"{len(prompt_ids)} tokens, leaving no room for the answer within "
+                    f"{int(trained[0])} tokens, leaving no room for the answer within "
                     f"max_length={self.max_length}."
                 )
-            ids, labels = list(prompt_ids), [-100] * len(prompt_ids)
-            for text, trained in segs[1:]:
-                if trained:
-                    piece = self._answer_ids(text)
-                    labels += piece
-                else:
-                    piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                    labels += [-100] * len(piece)
-                ids += piece
-            rows.append(ids[: self.max_length])
-            label_rows.append(labels[: self.max_length])
-
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (ids, labs) in enumerate(zip(rows, label_rows)):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-            labels[i, : len(labs)] = torch.tensor(labs)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            **_image_inputs(encoded),
-            "labels": labels,
-        }
+        width = batch["input_ids"].shape[1]
+        if width <= self.max_length:
+            return batch
+        shape = batch["input_ids"].shape
+        return {k: v[:, : self.max_length]
+                if k in _TOKEN_KEYS and torch.is_tensor(v) and v.shape == shape else v
+                for k, v in batch.items()}
 
 
 class GenerationCollator:
     """``list[Example]`` -> left-padded prompts up to each example's last question.
 
     Left padding puts every prompt's last token in the last column, so batched generation
-    appends the answers at the same position.
+    appends the answers at the same position. Every tensor the processor makes is kept.
     """
 
     def __init__(self, processor):
@@ -244,7 +386,9 @@ class GenerationCollator:
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         _check_batch(examples)
         prompts = [
-            prompt_text(self.processor, ex.turns[:-1], ex.turns[-1].human) for ex in examples
+            prompt_text(self.processor, ex.turns[:-1], ex.turns[-1].human, len(ex.images))
+            for ex in examples
         ]
         encoded = _process(self.processor, examples, prompts, padding=True, padding_side="left")
+        encoded.pop("labels", None)  # PaliGemma's processor labels every prompt it makes
         return dict(encoded)

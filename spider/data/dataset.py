@@ -12,13 +12,13 @@ class ExampleDataset:
     """A map-style dataset of :class:`Example` (works with ``torch.utils.data.DataLoader``).
 
     Examples are made on access by ``make(i)``: built-in ones are generated, JSON ones open
-    their image then, so a large dataset costs nothing until it is read.
+    their images then, so a large dataset costs nothing until it is read.
 
     Attributes:
         name: what to call it in logs and metrics (the spec it was loaded from).
         tasks: the task names its examples carry, in first-seen order.
-        split: the split asked for (``train`` / ``test``); JSON files are taken whole, so
-            for them it is only a label.
+        split: the split asked for (``train`` / ``test``); a JSON file is taken whole (the
+            split is then only a label) unless part of it is held out for evaluation.
     """
 
     def __init__(

@@ -19,12 +19,14 @@ class Turn:
 
 @dataclass
 class Example:
-    """One image with a conversation about it.
+    """A conversation about no, one or several images.
 
     Attributes:
-        id: unique within its dataset; error messages name it.
-        image: the picture, RGB.
-        turns: at least one; the first human text contains ``<image>`` exactly once.
+        id: names the example in error messages (LLaVA's own files repeat some ids).
+        image: the picture (RGB), a list of pictures for a multi-image example, or ``None``
+            for a text-only example, which the language model alone sees.
+        turns: at least one; the first human text holds one ``<image>`` marker per image
+            and no other turn holds any.
         task: which task the example belongs to (``caption``, ``digit``, ``counting``...);
             per-task metrics are reported under this name.
         metric: how the last answer is scored: ``exact`` (normalised exact match) or
@@ -33,7 +35,7 @@ class Example:
     """
 
     id: str
-    image: Image.Image
+    image: Image.Image | list[Image.Image] | None
     turns: list[Turn]
     task: str = "vqa"
     metric: str = "exact"
@@ -42,6 +44,15 @@ class Example:
     def __post_init__(self) -> None:
         if not self.references and self.turns:
             self.references = [self.turns[-1].gpt]
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The example's pictures in order: empty for a text-only example."""
+        if self.image is None:
+            return []
+        if isinstance(self.image, (list, tuple)):
+            return list(self.image)
+        return [self.image]
 
     @property
     def question(self) -> str:

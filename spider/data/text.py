@@ -14,7 +14,8 @@ from spider.data.records import IMAGE_MARKER
 # token, or a run of ASCII letters/digits, or any single other non-space character
 # (punctuation: "?", ",", "."). Whitespace (including the newline after the marker) only
 # separates words.
-WORD_PATTERN = re.compile(re.escape(IMAGE_MARKER) + r"|[a-z0-9]+|[^\sa-z0-9]")
+WORDS = r"[a-z0-9]+|[^\sa-z0-9]"  # the tiny model's tokenizer splits with this too
+WORD_PATTERN = re.compile(re.escape(IMAGE_MARKER) + "|" + WORDS)
 
 NUMBER_WORDS = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",

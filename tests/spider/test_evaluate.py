@@ -107,7 +107,8 @@ def saved_dir(trained, tmp_path, monkeypatch):
     processor.save_pretrained(tmp_path / "model")
     asked = {}
 
-    def fake_load_dataset(spec, split="train", seed=0, size=None):
+    def fake_load_dataset(spec, split="train", seed=0, size=None, image_folder=None,
+                          hold_out=False):
         asked.update(spec=spec, split=split, seed=seed)
         return EXAMPLES
 

@@ -171,7 +171,7 @@ class _Picky:
         return self.inner.apply_chat_template(*args, **kwargs)
 
     def __call__(self, text, images, **kwargs):
-        if any(image.size == (7, 7) for image in images):
+        if any(image.size == (7, 7) for per_example in images for image in per_example):
             raise ValueError("unsupported image size")
         return self.inner(text=text, images=images, **kwargs)
 

@@ -62,7 +62,7 @@ def _case(**changes):
 
 BAD_RECORDS = {
     "missing id": (_case(id=None), "no id", 'no "id" key'),
-    "missing image key": (_case(image=None), "bad-one", 'no "image" key'),
+    "marker without image": (_case(image=None), "bad-one", 'mentions <image> but has no "image"'),
     "missing conversations": (_case(conversations=None), "bad-one", 'no "conversations"'),
     "image file missing": (_case(image="img/none.png"), "bad-one", "does not exist"),
     "no gpt turn": (_case(conversations=_conv("<image> hi")), "bad-one", "has no answer"),
@@ -77,7 +77,7 @@ BAD_RECORDS = {
     "starts with gpt": (
         _case(conversations=[{"from": "gpt", "value": "<image> a"}]),
         "bad-one",
-        "alternate",
+        "has only a gpt turn",
     ),
     "no image marker": (_case(conversations=_conv("hi", "yo")), "bad-one", "found it 0 times"),
     "marker twice": (
@@ -88,12 +88,15 @@ BAD_RECORDS = {
     "marker in a later turn": (
         _case(conversations=_conv("hi", "yo", "<image> and?", "no")),
         "bad-one",
-        "first human",
+        "in turn 2, a later human turn; every <image> must be in the first human turn",
     ),
+    "image count and markers differ": (
+        _case(image=["img/a.png", "img/a.png"]), "bad-one", "once per image (2)"),
+    "image list with a non-path": (_case(image=["img/a.png", 3]), "bad-one", '"image"'),
+    "id of another type": (_case(id=1.5), "1.5", "non-empty string or an integer"),
     "bad metric": (_case(metric="bleu"), "bad-one", "exact, cider"),
     "bad references": (_case(references="cat"), "bad-one", '"references"'),
     "not an object": ("just text", "no id", "not a JSON object"),
-    "duplicate id": (_good("a"), "a", "repeats the id of record 0"),
 }
 
 
@@ -165,3 +168,86 @@ def test_export_refuses_to_overwrite_without_force(tmp_path):
 def test_json_dataset_pickles(folder):
     ds = load_dataset(_write(folder, [_good()]))
     assert pickle.loads(pickle.dumps(ds))[0].answer == "cat"
+
+
+# ---------------------------------------------------------------------------- LLaVA's own files
+def test_text_only_records_and_image_lists_load_beside_image_records(folder):
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(folder / "img" / "b.png")
+    text_only = {"id": 1, "conversations": _conv("What is 2+2?", "four")}
+    pair = {"id": 2, "image": ["img/a.png", "img/b.png"],
+            "conversations": _conv("<image>\n<image>\nSame colour?", "no")}
+    ds = load_dataset(_write(folder, [_good(), text_only, pair]))
+    assert ds[0].images[0].size == (10, 6) and len(ds[0].images) == 1
+    assert ds[1].image is None and ds[1].images == [] and ds[1].answer == "four"
+    assert [im.getpixel((0, 0)) for im in ds[2].images] == [(128, 128, 128), (0, 0, 255)]
+
+
+def test_image_folder_is_the_root_of_relative_image_paths(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2017").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "train2017" / "1.jpg")
+    data = tmp_path / "json" / "mix.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps([{"id": "x", "image": "train2017/1.jpg",
+                                 "conversations": _conv("<image>\nWhat?", "a")}]))
+    with pytest.raises(UserError, match=r"names image .*json/train2017/1\.jpg, which does not"):
+        load_dataset(str(data))  # relative to the JSON file by default
+    ds = load_dataset(str(data), image_folder=str(root))
+    assert ds[0].image.size == (4, 4)
+    with pytest.raises(UserError, match="--image-folder .*nowhere is not a folder"):
+        load_dataset(str(data), image_folder=str(tmp_path / "nowhere"))
+
+
+def test_an_opening_gpt_turn_is_dropped_as_llava_does(folder):
+    rec = {"id": "g", "image": "img/a.png",
+           "conversations": [{"from": "gpt", "value": "Hello!"}, *_conv("<image>\nWhat?", "cat")]}
+    example = load_dataset(_write(folder, [rec]))[0]
+    assert [(t.human, t.gpt) for t in example.turns] == [("<image>\nWhat?", "cat")]
+
+
+def test_the_image_marker_may_follow_the_question(folder):
+    rec = _case(conversations=_conv("What is it?\n<image>", "cat"))
+    example = load_dataset(_write(folder, [rec]))[0]
+    assert example.question == "What is it?\n<image>"
+
+
+def test_repeated_and_integer_ids_are_a_warning_not_an_error(folder, caplog):
+    records = [_good("7"), {**_good("x"), "id": 7}, _good("7"), _good("y")]
+    with caplog.at_level("WARNING", logger="spider.data.llava_json"):
+        ds = load_dataset(_write(folder, records))
+    assert [ds[i].id for i in range(4)] == ["7", "7", "7", "y"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "2 record(s)" in message and 'record 1 repeats id "7" of record 0' in message
+
+
+def test_held_out_split_is_deterministic_disjoint_and_five_percent(folder):
+    from spider.data import held_out_indices
+
+    assert held_out_indices(40) == [10, 30]
+    assert held_out_indices(100) == [int((j + 0.5) * 20) for j in range(5)]
+    assert len(held_out_indices(100_000)) == 1000 and len(held_out_indices(3)) == 1
+    with pytest.raises(UserError, match="too small to hold records out"):
+        held_out_indices(1)
+    path = _write(folder, [_good(f"r{i}") for i in range(40)])
+    train = load_dataset(path, "train", hold_out=True)
+    test = load_dataset(path, "test", hold_out=True)
+    assert [test[i].id for i in range(len(test))] == ["r10", "r30"]
+    train_ids = [train[i].id for i in range(len(train))]
+    assert len(train_ids) == 38 and not {"r10", "r30"} & set(train_ids)
+    again = load_dataset(path, "test", seed=5, hold_out=True)  # the seed does not move it
+    assert [again[i].id for i in range(len(again))] == ["r10", "r30"]
+    assert len(load_dataset(path, "test")) == 40  # without hold_out the file is whole
+
+
+def test_export_round_trips_text_only_and_multi_image_examples(tmp_path):
+    from spider.data.records import Example, Turn
+
+    pictures = [Image.new("RGB", (5, 5), (i * 40, 0, 0)) for i in range(3)]
+    examples = [Example("t", None, [Turn("Hi?", "hello")]),
+                Example("m", pictures[:2], [Turn("<image><image>Same?", "no")]),
+                Example("s", pictures[2], [Turn("<image>Red?", "yes")])]
+    path = write_llava_json(examples, tmp_path / "out")
+    back = load_dataset(str(path))
+    assert back[0].image is None and back[0].answer == "hello"
+    assert [im.getpixel((0, 0)) for im in back[1].images] == [(0, 0, 0), (40, 0, 0)]
+    assert back[2].image.getpixel((0, 0)) == (80, 0, 0)
