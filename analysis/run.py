@@ -1,6 +1,7 @@
 """Reading run directories: ``load_run(path) -> Run`` and ``list_runs(root) -> DataFrame``.
 
-A :class:`Run` is a lazy view of one run directory (DESIGN.md §4). Every file is read
+A :class:`Run` is a lazy view of one run directory (ARCHITECTURE.md, "The run directory").
+Every file is read
 through :mod:`spider.rundir`, the one module that knows the layout, and only when the view
 that needs it is first asked for:
 
@@ -61,7 +62,7 @@ TENSOR_KINDS = ("mask", "importance_pre", "importance_ft", "delta", "weight")
 * ``importance_ft`` — G = rank(S), SPIDER's fine-tuning importance.
 """
 
-METHOD_GROUP = "method"
+METHOD_GROUP = rundir.METHOD_GROUP
 """Checkpoint group holding the method's analysis state (``Method.analysis_state``)."""
 
 LIST_COLUMNS = (
@@ -91,20 +92,12 @@ def _read(what):
 
 
 def _file_keys(file: Path, what: str) -> list[str]:
-    """Tensor names in a safetensors file (its header only). ``rundir`` reads tensors but
-    does not list a group's names; this reads the same file it would."""
-    if not file.exists():
-        raise RunReadError(f"{what} {file} does not exist")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as err:  # safetensors raises several kinds for a damaged file
-        raise RunReadError(f"{what} {file} is damaged or not safetensors "
-                           f"({str(err).splitlines()[0][:120]})") from None
+    """Tensor names in a safetensors file (its header only), errors as RunReadError."""
+    return _read(lambda: rundir.tensor_names(file, what))
 
 
 def _group_keys(checkpoint: Path, group: str) -> list[str]:
-    return _file_keys(group_file(checkpoint, group), "checkpoint file")
+    return _read(lambda: rundir.group_keys(checkpoint, group))
 
 
 def _group_tensor(checkpoint: Path, group: str, key: str) -> torch.Tensor:
@@ -278,8 +271,11 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``running`` | ``done`` | ``failed`` | ``cancelled`` (as run.json says)."""
-        return str(self.info.get("status", "unknown"))
+        """``running`` | ``done`` | ``failed`` | ``cancelled`` | ``stopped unexpectedly``: what
+        run.json says, except that a run which says ``running`` but whose process is gone
+        (or whose heartbeat is stale) is ``stopped unexpectedly``
+        (:func:`spider.rundir.effective_status`). Checked on every call."""
+        return rundir.effective_status(self.info)
 
     @property
     def steps(self) -> list[int]:
@@ -325,7 +321,8 @@ class Run:
 
     @property
     def train(self) -> pd.DataFrame:
-        """Training steps: :data:`analysis.stats.TRAIN_COLUMNS`, one row per step."""
+        """Training steps: :data:`analysis.stats.TRAIN_COLUMNS` then ``seconds`` (the step's
+        own time, evaluation excluded), one row per step."""
         if "train" not in self._frames:
             with _malformed(self._dir.metrics_file):
                 self._frames["train"] = self._train_frame()
@@ -333,11 +330,14 @@ class Run:
 
     def _train_frame(self) -> pd.DataFrame:
         rows = [
-            (self.name, self.method, int(e["step"]), _float(e.get("loss")), _float(e.get("lr")))
+            (self.name, self.method, int(e["step"]), _float(e.get("loss")), _float(e.get("lr")),
+             _float(e.get("seconds")))
             for e in self._events()
             if e.get("event", "train" if "loss" in e else None) == "train"
         ]
-        frame = pd.DataFrame(rows, columns=list(stats.TRAIN_COLUMNS))
+        # then ``seconds``: the step's own time (evaluation pauses not included), for a
+        # training-time axis
+        frame = pd.DataFrame(rows, columns=[*stats.TRAIN_COLUMNS, "seconds"])
         frame["step"] = frame["step"].astype("int64")
         return frame
 
@@ -429,27 +429,44 @@ class Run:
             raise UserError(f"run {self.name} has no checkpoint at step {step!r}; "
                             f"its checkpoints are at steps: {listed}")
 
+    def _trained_params(self) -> list[str]:
+        """Every parameter the run trained (its statistics cover all of them, whatever
+        ``save_tensors`` kept); empty when ``layers.jsonl`` cannot be read."""
+        try:
+            return [str(p) for p in pd.unique(self.layers["param"])]
+        except UserError:
+            return []
+
     def _check_param(self, step: int, param: str) -> None:
         saved = self._keys_of(step, WEIGHTS_GROUP)
         if param in saved:
             return
+        trained = self._trained_params()
+        in_base = False
+        try:
+            in_base = self._base_index().key(param) is not None
+        except UserError:
+            pass
+        if param not in trained and not in_base:
+            names = sorted(set(trained) | set(saved))
+            close = difflib.get_close_matches(param, names, n=3, cutoff=0.6)
+            hint = (f"; did you mean {', '.join(close)}?" if close else
+                    f"; its parameters are named like {', '.join(names[:2])}" if names else "")
+            raise UserError(f"parameter {param!r} does not exist in the model of run "
+                            f"{self.name}{hint}")
+        if trained and param not in trained:
+            raise UserError(f"parameter {param} was not trained in run {self.name} (see its "
+                            f"'train' setting {self.info['config'].get('train')!r}); its "
+                            "checkpoints hold only the trained parameters, and 'weight' of the "
+                            "base model is theta0")
         pattern = self._meta(step).get("save_tensors", self.info["config"].get("save_tensors"))
         if pattern and not re.search(pattern, param):
-            known = False
-            try:
-                known = self._base_index().key(param) is not None
-            except UserError:
-                pass
-            if known:
-                raise UserError(
-                    f"parameter {param} is not saved in checkpoint step {step} of run "
-                    f"{self.name}: the run kept only tensors matching its save_tensors "
-                    f"regex {pattern!r} ({len(saved)} tensors)")
-        close = difflib.get_close_matches(param, saved, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else (
-            f"; it holds {len(saved)} tensors, e.g. {', '.join(saved[:3])}" if saved else "")
+            raise UserError(
+                f"parameter {param} is not saved in checkpoint step {step} of run "
+                f"{self.name}: the run kept only tensors matching its save_tensors "
+                f"regex {pattern!r} ({len(saved)} tensors)")
         raise UserError(f"checkpoint step {step} of run {self.name} holds no tensor for "
-                        f"parameter {param!r}{hint}")
+                        f"parameter {param!r}")
 
     def theta0(self, param: str) -> torch.Tensor:
         """The base model's tensor of ``param`` (the pre-trained weights), as stored."""
@@ -489,16 +506,22 @@ class Run:
                             f"step {step}")
         return importance["pre" if kind == "importance_pre" else "ft"].float()
 
+    def method_at(self, step: int, param: str):
+        """The run's method rebuilt on a one-tensor model holding ``param``, in its state at
+        checkpoint ``step`` (what ``tensor`` computes masks and importances from), e.g. to
+        recompute the mask of the same state under other options (the app's what-if).
+        Raises ``UserError`` as :meth:`tensor` does."""
+        self._check_step(step)
+        step = int(step)
+        self._check_param(step, param)
+        return self._rebuild(step, param, self._theta0_like(step, param))
+
     def _theta0_like(self, step: int, param: str) -> torch.Tensor:
         """theta0 of ``param``, checked against the shape the checkpoint saved."""
         theta0 = self.theta0(param)
         file = group_file(self._dir.checkpoint_dir(step), WEIGHTS_GROUP)
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                shape = tuple(handle.get_slice(param).get_shape())
-        except Exception as err:
-            raise RunReadError(f"checkpoint file {file} is damaged or not safetensors "
-                               f"({str(err).splitlines()[0][:120]})") from None
+        shape = _read(lambda: rundir.group_shape(self._dir.checkpoint_dir(step), WEIGHTS_GROUP,
+                                                 param))
         if tuple(theta0.shape) != shape:
             raise RunReadError(f"the base model in {self._base_index().directory} has shape "
                                f"{tuple(theta0.shape)} for {param}, the checkpoint {file} has "
@@ -533,7 +556,7 @@ class Run:
         ``masks()`` and ``importances()`` are computed exactly as in training. State tensors
         the checkpoint leaves out are restored: theta0 from the base model (exact, where a
         bf16 copy may be saved), and flags that a ``save_tensors`` filter dropped
-        (``finalized``: the final checkpoint is written after ``finalize``).
+        (``finalized``, as the checkpoint's metadata records it).
         """
         if self._rebuilt is not None and self._rebuilt[0] == (step, param):
             return self._rebuilt[1]
@@ -555,7 +578,7 @@ class Run:
         for key in method_keys:  # this parameter's state, and whole-method flags
             if key in expected or key.partition("/")[2] == param:
                 state[key] = _group_tensor(checkpoint, METHOD_GROUP, key)
-        finalized = step >= int(self.info["config"].get("steps", math.inf))
+        finalized = _read(lambda: self._dir.checkpoint_meta(step)).finalized
         for key, value in expected.items():
             if key.split("/", 1)[0] == "theta0" and key.endswith("/" + param):
                 state[key] = theta0
@@ -646,7 +669,7 @@ def _check_run(run: Run) -> tuple[list[str], pd.DataFrame | None]:
         run.base_model_dir  # noqa: B018
     except UserError as err:
         problems.append(str(err))
-    running = run.status == "running"
+    running = run.status in (rundir.RUNNING, rundir.STOPPED_UNEXPECTEDLY)
     for file, reader in ((run._dir.metrics_file, run._events),
                          (run._dir.layers_file, run._dir.read_layers)):
         try:

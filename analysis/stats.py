@@ -34,6 +34,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spider.data.builtin import CELLS as _CELLS
+from spider.methods.base import STAT_COLUMNS
+from spider.metrics import harmonic_mean
 from spider.metrics import summary as _summary
 from spider.naming import parse_param_name
 from spider.rundir import atomic_write_bytes
@@ -42,21 +45,18 @@ from spider.rundir import atomic_write_bytes
 # Contracts
 # --------------------------------------------------------------------------------------------
 
-CELLS = ("idimg-idq", "idimg-oodq", "oodimg-idq", "oodimg-oodq")
-"""The 2x2 evaluation cells: in/out-of-distribution images x in/out-of-distribution questions."""
+CELLS = _CELLS
+"""The 2x2 evaluation cells: in/out-of-distribution images x in/out-of-distribution questions
+(defined by the built-in data, ``spider.data.builtin.CELLS``)."""
 
 METRICS_COLUMNS = ("run", "method", "step", "split", "metric", "value")
 TRAIN_COLUMNS = ("run", "method", "step", "loss", "lr")
 LAYERS_COLUMNS = (
     "run", "method", "step", "param", "component", "layer", "module", "numel",
-    "mask_mean",  # mean keep-weight w (1 = free, 0 = pinned to theta0)
-    "mask_density",  # fraction of entries with w > 0
-    "importance_pre_mean",  # mean of I = rank(theta0)
-    "importance_ft_mean",  # mean of G = rank(S)
-    "frac_ft_gt_pre",  # fraction of entries with G > I
-    "importance_pre_sq_mean",  # mean of I^2  } second moments: the correlation of I and G
-    "importance_ft_sq_mean",  # mean of G^2   } pooled over any group of tensors
-    "importance_cross_mean",  # mean of I*G   } (NaN in runs logged before they were added)
+    # the methods' per-tensor statistics (spider.methods.base.STAT_COLUMNS: mask_mean,
+    # mask_density, importance means and second moments, frac_ft_gt_pre; NaN where a method
+    # has no such notion or a run was logged before a column was added), then the update
+    *STAT_COLUMNS,
     "update_norm",  # ||theta - theta0||_2 of the tensor
     "update_rel_norm",  # ||theta - theta0|| / ||theta0||
 )
@@ -406,8 +406,7 @@ def score_table(metrics_df: pd.DataFrame) -> pd.DataFrame:
         "run": wide["run"], "method": wide["method"], "step": wide["step"],
         "U": wide["upstream"], "D": wide["downstream"],
     })
-    total = out["U"] + out["D"]
-    out["H"] = (2 * out["U"] * out["D"] / total).where(total > 0, 0.0)
+    out["H"] = harmonic_mean(out["U"], out["D"])
     order = {run: i for i, run in enumerate(_run_order(metrics_df))}
     out = out.sort_values(["run", "step"], key=lambda c: c.map(order) if c.name == "run" else c)
     return out.reset_index(drop=True)

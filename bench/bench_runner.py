@@ -21,6 +21,7 @@ Usage: ``python bench/bench_runner.py [--rounds 3] [--steps-per-round 50] [--dev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -31,8 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spider.loop import LoopHooks, train_loop  # noqa: E402
-from spider.train import RunConfig, Runner  # noqa: E402
+from spider import train as recipe  # noqa: E402
+from spider.distributed import Dist  # noqa: E402
+from spider.hooks import Checkpointer, Evaluator, ProgressReporter, StatisticsLogger  # noqa: E402
+from spider.loop import LoopHooks, make_optimizer, train_loop  # noqa: E402
+from spider.models import resolve_device  # noqa: E402
+from spider.rundir import RunDir, RunInfoWriter  # noqa: E402
+from spider.train import RunConfig  # noqa: E402
 
 
 class Timed:
@@ -60,42 +66,59 @@ def main() -> None:
         defaults = RunConfig()
         cfg = RunConfig(output_dir=str(Path(tmp) / "run"), device=args.device,
                         steps=10**6, eval_every=10**9)  # no evaluation inside the rounds
-        runner = Runner(cfg)
-        runner.begin()
+        # the pieces spider.train.train composes, built the same way
+        dist, device = Dist(), resolve_device(cfg.device)
+        run = RunDir(cfg.output_dir)
+        model = recipe.load_model_and_method(cfg, dist, device)
+        method = model.method
+        data = recipe.load_data(cfg)
+        get_batch = recipe.batches(cfg, data, model.processor, dist, device)
+        optimizer = make_optimizer(list(method.trainable_parameters()), cfg)
+        theta0 = {n: t.detach().clone() for n, t in method.effective_weights().items()}
+        info = RunInfoWriter(run, recipe.new_run_info(cfg, model, run, dist, device))
+        info.update()
+        evaluator = Evaluator(method, model.processor, data.eval_sets, cfg.eval_limit,
+                              cfg.eval_every, cfg.steps, run, info, dist)
+        stats_logger = StatisticsLogger(method, theta0, cfg.log_every, cfg.save_every, cfg.steps,
+                                      run, dist, device)
+        checkpointer = Checkpointer(method, optimizer, cfg.save_every, cfg.steps,
+                                    cfg.save_dtype, cfg.save_tensors, run, dist, device)
+        progress = ProgressReporter(cfg.log_every, cfg.steps, 0, info, evaluator, dist)
         totals: dict[str, float] = {}
-        runner.layer_rows = Timed(runner.layer_rows, totals, "statistics rows")
-        runner.save = Timed(runner.save, totals, "checkpoint + resume state")
-        runner.run.append_events = Timed(runner.run.append_events, totals, "events")
-        runner.run.append_layers = Timed(runner.run.append_layers, totals, "layers.jsonl")
-        runner.write_info = Timed(runner.write_info, totals, "run.json")
+        stats_logger._write_rows = Timed(stats_logger._write_rows, totals, "statistics rows")
+        checkpointer.save = Timed(checkpointer.save, totals, "checkpoint + resume state")
+        run.append_events = Timed(run.append_events, totals, "events")
+        run.append_layers = Timed(run.append_layers, totals, "layers.jsonl")
+        run.write_run = Timed(run.write_run, totals, "run.json")
+        runner = [stats_logger, evaluator, checkpointer, progress]
+        loop_cfg = dataclasses.replace(cfg)
         bare = LoopHooks()
         times: dict[str, list[float]] = {"bare": [], "runner": []}
         step = 0
         n = args.steps_per_round
-        print(f"device {runner.device}, method {cfg.method}, batch {cfg.batch_size}, "
+        print(f"device {device}, method {cfg.method}, batch {cfg.batch_size}, "
               f"log every {cfg.log_every}, checkpoint every {cfg.save_every}, "
-              f"{sum(p.numel() for p in runner.method.params.values()):,} trained parameters, "
+              f"{sum(p.numel() for p in method.params.values()):,} trained parameters, "
               f"torch threads {torch.get_num_threads()}")
         # warm-up (allocator, first-call costs) before anything is timed
-        runner.loop_cfg.steps = step + 3
-        step = train_loop(runner.train_model, runner.method, runner.optimizer, runner.get_batch,
-                          runner.loop_cfg, bare, start_step=step, device=runner.device)
+        loop_cfg.steps = step + 3
+        step = train_loop(model.train_model, method, optimizer, get_batch, loop_cfg, bare,
+                          start_step=step, device=device)
         for _ in range(args.rounds):
             for name, hooks in (("bare", bare), ("runner", runner)):
                 # align rounds to the log/save grid so each runner round logs n/10 times and
                 # checkpoints n/50 times, as a default run does
                 step = -(-step // n) * n
-                runner.method.collect_statistics = False
-                runner.loop_cfg.steps = step + n
+                method.collect_statistics = False
+                loop_cfg.steps = step + n  # the loop's end; the hooks keep the run's
                 t0 = time.perf_counter()
-                step = train_loop(runner.train_model, runner.method, runner.optimizer,
-                                  runner.get_batch, runner.loop_cfg, hooks, start_step=step,
-                                  device=runner.device)
+                step = train_loop(model.train_model, method, optimizer, get_batch, loop_cfg,
+                                  hooks, start_step=step, device=device)
                 times[name].append(time.perf_counter() - t0)
         bare_s, runner_s = statistics.median(times["bare"]), statistics.median(times["runner"])
         # one evaluation as the runner does it (5 splits x --eval-limit examples), for scale
         t0 = time.perf_counter()
-        runner.evaluate(step)
+        evaluator.evaluate(step)
         eval_s = time.perf_counter() - t0
 
     rounds = args.rounds
@@ -112,7 +135,7 @@ def main() -> None:
         print(f"    {key:28s} {value / rounds:.3f} s per round")
     per_step = runner_s / n
     share = eval_s / (eval_s + defaults.eval_every * per_step)
-    print(f"\n  one evaluation ({len(runner.eval_sets)} splits x {cfg.eval_limit} examples): "
+    print(f"\n  one evaluation ({len(data.eval_sets)} splits x {cfg.eval_limit} examples): "
           f"{eval_s:.2f} s = {share * 100:.0f} % of wall time at --eval-every "
           f"{defaults.eval_every} (not overhead: asked for)")
 

@@ -1,4 +1,4 @@
-"""A straightforward transcription of SPIDER's rule (DESIGN.md §1), as the authors' trainer
+"""A straightforward transcription of SPIDER's rule (ARCHITECTURE.md, "The SPIDER rule"), as the authors' trainer
 computes it: every quantity recomputed from scratch for every tensor at every step, with
 fresh allocations. It is the yardstick for both correctness (tests) and speed (bench).
 """

@@ -1,8 +1,13 @@
-"""User-facing errors.
+"""The project's one error taxonomy (ARCHITECTURE.md, "Errors").
 
-A ``UserError`` is a mistake in what a person gave us (a path, a flag, a parameter). Command
-line entry points catch it and print its one-sentence message with a non-zero exit instead
-of a traceback; library callers get an ordinary exception (it subclasses ``ValueError``).
+* ``UserError`` — a mistake in what a person gave us (a path, a flag, a parameter): one
+  sentence naming the culprit; a command prints ``error: ...`` and exits 2. Library callers
+  get an ordinary exception (it subclasses ``ValueError``).
+* ``RunFailed`` — the input was fine but the run could not go on (a non-finite loss, out of
+  memory): one sentence saying what happened and what to try; ``failed: ...``, exit 1.
+* ``RunCancelled`` — stopped on request (SIGTERM, Ctrl-C) after saving: how to continue;
+  exit 130, as for Ctrl-C.
+* anything else is a bug, and its traceback is printed as Python does.
 """
 
 from __future__ import annotations
@@ -20,8 +25,21 @@ class UserError(ValueError):
     """A mistake in the user's input, described in one sentence naming the culprit."""
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on although its input was fine; says what to try."""
+
+
+class RunCancelled(Exception):
+    """A run stopped on request after saving its state; says how to continue it."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+EXIT_CANCELLED = 130
+
+
 def cli_main(func: F) -> F:
-    """Wrap a ``main(argv)`` so that user mistakes end in one clear line and exit code 2."""
+    """Wrap a ``main(argv)`` so that each kind of error ends as the taxonomy above says."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -29,10 +47,16 @@ def cli_main(func: F) -> F:
             return func(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except RunFailed as err:
+            print(f"failed: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_RUN_FAILED) from None
+        except RunCancelled as err:
+            print(f"cancelled: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_CANCELLED) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_CANCELLED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,6 +1,6 @@
 """Per-tensor importance ranks, written for speed and for sharded tensors.
 
-The authors' rank of a tensor ``t`` (DESIGN.md §1) is::
+The authors' rank of a tensor ``t`` (ARCHITECTURE.md, "The SPIDER rule") is::
 
     rank(t) = 0                                   if t is all zeros
             = sigmoid((|t| - mean|t|) / std|t|)    otherwise (unbiased std, per tensor)
@@ -113,11 +113,3 @@ def rank(t: torch.Tensor, reducer: Reducer | None = None) -> torch.Tensor:
         sums = reducer(sums)
     a, b = affine_from_sums(sums)
     return rank_into(buf, buf, a, b)
-
-
-def reference_rank(t: torch.Tensor) -> torch.Tensor:
-    """A plain transcription of the authors' rank (NaN for degenerate tensors), for tests."""
-    a = t.abs().float()
-    if bool((a == 0).all()):
-        return torch.zeros_like(a)
-    return torch.sigmoid((a - a.mean()) / a.std())

@@ -1,8 +1,11 @@
 """The one training loop of the project (pre-training and fine-tuning both use it).
 
 nanoGPT-style: one function, read top to bottom, in commented phases. A ``Method``'s hooks are
-called at the points DESIGN.md §3 names; evaluation, logging and checkpointing are the
-caller's, through ``LoopHooks``, so the loop itself stays short.
+called at the points ARCHITECTURE.md ("Methods") names; evaluation, logging and checkpointing
+are the caller's, through ``LoopHooks`` (several may be given; they are called in order), so
+the loop itself stays short. ``LoopConfig`` holds the loop's settings once, with their
+defaults and help: the entry points' configs (``spider.train.RunConfig``,
+``spider.pretrain.PretrainConfig``) extend it.
 """
 
 from __future__ import annotations
@@ -17,24 +20,54 @@ import numpy as np
 import torch
 
 from spider.distributed import Dist, gradient_sync
-from spider.errors import UserError
+from spider.errors import RunFailed, UserError
+
+
+def config_field(default, help_text: str = "", **kwargs):
+    """A config field; ``help`` makes it a command-line flag of the entry points."""
+    metadata = {"help": help_text} if help_text else {}
+    if isinstance(default, (list, dict, tuple)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclasses.dataclass
 class LoopConfig:
-    steps: int = 150  # optimizer steps in the whole run
-    lr: float = 1e-4  # peak learning rate (AdamW)
-    warmup_steps: int = 10  # linear warm-up, then cosine decay
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    batch_size: int = 16  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    clip: float = 1.0  # max gradient norm (0 = no clipping)
-    weight_decay: float = 0.0  # AdamW weight decay
-    betas: tuple[float, float] = (0.9, 0.999)
-    seed: int = 0
+    """The loop's settings (defaults: fine-tuning's; pre-training overrides some)."""
+
+    steps: int = config_field(150, "optimizer steps")
+    lr: float = config_field(3e-4, "peak learning rate (AdamW)")
+    batch_size: int = config_field(16, "examples per micro-batch")
+    grad_accum: int = config_field(1, "micro-batches per optimizer step")
+    warmup_steps: int = config_field(10, "linear warm-up steps before the cosine decay")
+    weight_decay: float = config_field(0.0, "AdamW weight decay")
+    clip: float = config_field(1.0, "max gradient norm (0: no clipping)")
+    seed: int = config_field(0, "seed for data, order and method")
+    min_lr_ratio: float = config_field(0.1)  # cosine decays to lr * min_lr_ratio
+    betas: tuple[float, float] = config_field((0.9, 0.999))
 
 
-class LossNotFinite(UserError):
+def add_config_flags(parser, config_cls: type) -> None:
+    """One ``--flag`` per field of ``config_cls`` that has help (``_`` -> ``-``), typed
+    like the field; a bool field is a switch. Unset flags are left out of the parse
+    (``argument_default=SUPPRESS`` on the parser) so the dataclass's defaults apply."""
+    from pathlib import Path
+
+    kinds = {"int": int, "float": float, "str": str, "Path": Path}
+    for field in dataclasses.fields(config_cls):
+        if "help" not in field.metadata or field.type in ("dict", dict):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=field.metadata["help"])
+        else:
+            kind = kinds.get(field.type if isinstance(field.type, str) else field.type.__name__,
+                             str)
+            parser.add_argument(flag, type=kind, help=field.metadata["help"])
+
+
+class LossNotFinite(RunFailed):
     """The loss became NaN or inf: stop at once, earlier checkpoints stay as they are."""
 
 
@@ -47,6 +80,20 @@ class LoopHooks:
     def should_stop(self) -> bool:
         """Checked after every step (e.g. SIGTERM received)."""
         return False
+
+
+class HookList(LoopHooks):
+    """Several hooks, called in order; the loop stops when any of them asks to."""
+
+    def __init__(self, hooks: Sequence[LoopHooks]):
+        self.hooks = list(hooks)
+
+    def after_step(self, step: int, record: dict) -> None:
+        for hook in self.hooks:
+            hook.after_step(step, record)
+
+    def should_stop(self) -> bool:
+        return any([hook.should_stop() for hook in self.hooks])  # every hook is asked
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -116,7 +163,7 @@ def make_optimizer(params: Sequence[torch.nn.Parameter] | Sequence[dict], cfg: L
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient "
                         "(check --train and --train-last-layers)")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def train_loop(
@@ -125,7 +172,7 @@ def train_loop(
     optimizer: torch.optim.Optimizer,
     get_batch: Callable[[int, int], dict[str, torch.Tensor]],
     cfg: LoopConfig,
-    hooks: LoopHooks | None = None,
+    hooks: LoopHooks | Sequence[LoopHooks] | None = None,
     start_step: int = 0,
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
@@ -136,7 +183,7 @@ def train_loop(
     may be wrapped by DDP or sharded by FSDP2 (``spider.distributed``); ``dist`` then averages
     the reported loss over processes so that all of them stop together on a non-finite one.
     """
-    hooks = hooks or LoopHooks()
+    hooks = HookList(hooks) if isinstance(hooks, Sequence) else (hooks or LoopHooks())
     dist = dist or Dist()
     device = torch.device(device)
     autocast = autocast_for(device)
@@ -171,6 +218,9 @@ def train_loop(
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trainable
                                                              if p.grad is not None]))
+        if not math.isfinite(grad_norm):  # a finite loss with an overflowing backward pass
+            raise LossNotFinite(f"the gradient is not finite at step {step + 1} (its norm is "
+                                f"{grad_norm}); try a lower --lr")
         # -- phase 4: the method's hooks around the optimizer step
         method.before_optimizer_step()
         optimizer.step()

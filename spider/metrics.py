@@ -337,17 +337,23 @@ def score_predictions(examples: Sequence[Example], predictions: Sequence[str]) -
 # --------------------------------------------------------------------------------------------
 
 
-def harmonic_mean(u: float, d: float) -> float:
+def harmonic_mean(u, d):
     """H = 2·U·D / (U + D), the "H-Average" of upstream U and downstream D (SPIDER paper).
 
     Rewards balance: a method that forgets everything (U = 0) gets H = 0 however good D is.
     U and D must be on the same scale (e.g. both main scores in [0, 1]). Returns 0 when
-    U + D == 0.
+    U + D == 0. Takes numbers (returns a float) or arrays / Series of equal length (returns
+    an array, 0 where U + D is not positive); the project's one definition of H.
     """
+    if np.ndim(u) == 0 and np.ndim(d) == 0:
+        total = u + d
+        if total == 0:
+            return 0.0
+        return 2.0 * u * d / total
+    u, d = np.asarray(u, dtype=float), np.asarray(d, dtype=float)
     total = u + d
-    if total == 0:
-        return 0.0
-    return 2.0 * u * d / total
+    positive = total > 0
+    return np.where(positive, 2.0 * u * d / np.where(positive, total, 1.0), 0.0)
 
 
 def summary(u_base: float, d_base: float, u_ft: float, d_ft: float) -> dict[str, float]:

@@ -125,6 +125,8 @@ def parse_param_name(name: str) -> ParamName:
     ``layers``/``blocks``/``h``. Module: the rightmost name part with a known role, so that
     ``.weight``/``.bias`` and LoRA suffixes never matter.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a parameter name must be text, not {type(name).__name__}")
     parts = _strip_peft(name.split("."))
     tokens = set(parts)
 
@@ -139,7 +141,8 @@ def parse_param_name(name: str) -> ParamName:
 
     layer = None
     for previous, part in zip(parts, parts[1:]):
-        if previous in _LAYER_CONTAINERS and part.isdigit():
+        # isdigit() alone admits "²", which int() refuses
+        if previous in _LAYER_CONTAINERS and part.isascii() and part.isdigit():
             layer = int(part)
             break
 

@@ -10,6 +10,7 @@ plus a model card. Reproducible from ``--seed``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -21,8 +22,16 @@ import torch
 
 from spider.data import IMAGE_SIZE, load_dataset, vocabulary
 from spider.data.collate import TrainCollator
-from spider.errors import UserError, cli_main, positive_int
-from spider.loop import BatchSampler, LoopConfig, LoopHooks, make_optimizer, train_loop
+from spider.errors import UserError, cli_main
+from spider.loop import (
+    BatchSampler,
+    LoopConfig,
+    LoopHooks,
+    add_config_flags,
+    config_field,
+    make_optimizer,
+    train_loop,
+)
 from spider.methods import build_method
 from spider.models import build_tiny_llava, resolve_device
 from spider.rundir import swap_into_place
@@ -64,24 +73,65 @@ class _Progress(LoopHooks):
 VISION_LR_SCALE = 0.3
 
 
-def pretrain(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, device: str,
-             eval_limit: int | None, train_size: int, patch_size: int = 16,
-             vision_lr_scale: float = VISION_LR_SCALE, eval_every: int = 0,
-             overwrite: bool = False) -> dict:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+@dataclasses.dataclass
+class PretrainConfig(LoopConfig):
+    """Everything that determines a pre-training: the loop's settings (pre-training's
+    defaults) and these."""
+
+    steps: int = config_field(9000, "optimizer steps")
+    batch_size: int = config_field(32, "examples per step")
+    lr: float = config_field(1e-3, "peak learning rate")
+    warmup_steps: int = config_field(-1, "linear warm-up steps (-1: a twentieth of --steps)")
+    weight_decay: float = config_field(0.01, "AdamW weight decay")
+    seed: int = config_field(0, "seed for weights, data and order")
+    min_lr_ratio: float = config_field(0.05)
+    output_dir: Path = config_field(DEFAULT_OUT, "where to save the model (default: "
+                                "sample_checkpoints/tiny-llava-base)")
+    overwrite: bool = config_field(False, "replace the model already in --output-dir (e.g. the "
+                               "bundled one)")
+    vision_lr_scale: float = config_field(VISION_LR_SCALE, "vision tower and projector learn at "
+                                      "this fraction of --lr")
+    eval_every: int = config_field(0, "print the upstream score on 200 test examples every N steps")
+    device: str = config_field("auto", "auto | cpu | cuda")
+    train_size: int = config_field(20000, "examples generated for the training split")
+    patch_size: int = config_field(16, "vision patch size in pixels (48x48 images: 16 gives 9 "
+                               "image tokens, one per cell of the scenes' 3x3 grid)")
+    eval_limit: int = config_field(0, "evaluate on only the first N test examples (0: all)")
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        if self.warmup_steps < 0:
+            self.warmup_steps = max(1, self.steps // 20)
+
+
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Raise a UserError naming the first flag whose value cannot work."""
+    for name in ("steps", "batch_size", "train_size", "patch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not "
+                            f"{getattr(cfg, name)}")
+    for name in ("eval_every", "eval_limit"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Pre-train the tiny LLaVA as ``cfg`` says and save it into ``cfg.output_dir``; returns
+    the facts written to ``pretrain.json``."""
+    check_pretrain_config(cfg)
+    out_dir, seed, steps, batch_size = cfg.output_dir, cfg.seed, cfg.steps, cfg.batch_size
+    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
         raise UserError(f"--output-dir {out_dir} is not empty; pass --overwrite to replace "
                         "what is there, or choose another folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     model, processor = build_tiny_llava(vocabulary(), image_size=IMAGE_SIZE,
-                                        patch_size=patch_size, seed=seed)
+                                        patch_size=cfg.patch_size, seed=seed)
     model.to(dev)
     method = build_method("full", model)  # every part trains during pre-training
-    train = load_dataset("builtin:upstream", "train", seed=seed, size=train_size)
+    train = load_dataset("builtin:upstream", "train", seed=seed, size=cfg.train_size)
     collate = TrainCollator(processor)
-    cfg = LoopConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.05,
-                     batch_size=batch_size, clip=1.0, weight_decay=0.01, seed=seed)
     sampler = BatchSampler(len(train), batch_size, cfg.grad_accum, seed)
 
     def get_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -92,7 +142,7 @@ def pretrain(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, d
     language = [p for n, p in named if "language_model" in n or n.startswith("lm_head")]
     visual = [p for n, p in named if not ("language_model" in n or n.startswith("lm_head"))]
     optimizer = make_optimizer([{"params": language},
-                                {"params": visual, "lr_scale": vision_lr_scale}], cfg)
+                                {"params": visual, "lr_scale": cfg.vision_lr_scale}], cfg)
     from spider.evaluate import evaluate
 
     test = load_dataset("builtin:upstream", "test", seed=seed)
@@ -104,18 +154,18 @@ def pretrain(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, d
         finally:
             model.train()
 
-    progress = _Progress(steps, 50, eval_every, quick_eval)
+    progress = _Progress(steps, 50, cfg.eval_every, quick_eval)
     started = time.perf_counter()
     train_loop(model, method, optimizer, get_batch, cfg, progress, device=dev)
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    scores = evaluate(model, processor, test, batch_size=64, limit=eval_limit)
+    scores = evaluate(model, processor, test, batch_size=64, limit=cfg.eval_limit or None)
     n_params = sum(p.numel() for p in model.parameters())
     facts = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale,
-        "patch_size": patch_size, "seed": seed,
-        "train_examples": train_size, "device": str(dev), "threads": torch.get_num_threads(),
+        "steps": steps, "batch_size": batch_size, "lr": cfg.lr,
+        "vision_lr_scale": cfg.vision_lr_scale, "patch_size": cfg.patch_size, "seed": seed,
+        "train_examples": cfg.train_size, "device": str(dev), "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1), "parameters": n_params,
         "upstream_test": scores, "torch": torch.__version__, "machine": platform.machine(),
     }
@@ -178,32 +228,12 @@ Reproduce (into a new folder; `--overwrite` replaces one): `python -m spider.pre
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m spider.pretrain", description=__doc__)
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUT,
-                        help="where to save the model (default: sample_checkpoints/tiny-llava-base)")
-    parser.add_argument("--steps", type=positive_int, default=9000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--vision-lr-scale", type=float, default=VISION_LR_SCALE,
-                        help="vision tower and projector learn at this fraction of --lr")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the model already in --output-dir (e.g. the bundled one)")
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="print the upstream score on 200 test examples every N steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data and order")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--train-size", type=positive_int, default=20000,
-                        help="examples generated for the training split")
-    parser.add_argument("--patch-size", type=positive_int, default=16,
-                        help="vision patch size in pixels (48x48 images: 16 gives 9 image "
-                             "tokens, one per cell of the scenes' 3x3 grid)")
-    parser.add_argument("--eval-limit", type=positive_int, default=None,
-                        help="evaluate on only the first N test examples")
-    args = parser.parse_args(argv)
-    facts = pretrain(args.output_dir, args.steps, args.batch_size, args.lr, args.seed,
-                     args.device, args.eval_limit, args.train_size, args.patch_size,
-                     args.vision_lr_scale, args.eval_every, args.overwrite)
-    print(json.dumps({"output_dir": str(args.output_dir), **facts["upstream_test"],
+    parser = argparse.ArgumentParser(prog="python -m spider.pretrain", description=__doc__,
+                                     argument_default=argparse.SUPPRESS)
+    add_config_flags(parser, PretrainConfig)
+    cfg = PretrainConfig(**vars(parser.parse_args(argv)))
+    facts = pretrain(cfg)
+    print(json.dumps({"output_dir": str(cfg.output_dir), **facts["upstream_test"],
                       "train_seconds": facts["train_seconds"]}))
 
 

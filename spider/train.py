@@ -2,69 +2,90 @@
 
     python -m spider.train --model DIR --data SPEC --method NAME --output-dir RUN [flags]
 
-What happens, in order:
+:func:`train` reads top to bottom:
 
-1. The config is assembled: defaults <- ``--config FILE.json`` <- flags given. ``--resume``
-   takes the config stored in ``RUN/run.json``; a flag that contradicts it is an error.
-2. The model is loaded (any local image-text-to-text directory, or a run checkpoint), the
-   parts named by ``--train`` are unfrozen, and the method wraps the model.
-3. Step 0 is evaluated (the base model's upstream, downstream and 2x2 cell scores), then the
-   project's one loop (``spider.loop.train_loop``) trains; every ``--log-every`` steps the
-   method's per-tensor statistics go to ``layers.jsonl``, every ``--eval-every`` steps an
-   evaluation goes to ``metrics.jsonl``, every ``--save-every`` steps a checkpoint is written.
-4. At the end the method finalizes (DARE, WiSE-FT, Tailor act here; LoRA merges), the
-   fine-tuned model is evaluated and checkpointed, and ``run.json`` gets the summary
-   (U, D, H, E, F, O) and status ``done``.
+1. **Check and load everything** — the config (defaults <- ``--config FILE.json`` <- flags;
+   ``--resume`` takes the config stored in ``RUN/run.json``), ``--output-dir``, the model
+   (any local image-text-to-text directory, or a run checkpoint) with the parts named by
+   ``--train`` unfrozen, the method wrapped around it, the data (every image of a data file
+   decoded once). Nothing is written before all of it succeeds, so a mistake leaves no run
+   behind; a run that ended before its first step is started again in place.
+2. **Open the run directory** — a new ``run.json`` (status ``running``, the process, a
+   heartbeat kept fresh by a thread), or, with ``--resume``, the saved state.
+3. **Train** with the project's one loop (``spider.loop.train_loop``) and four hooks
+   (``spider.hooks``): the statistics logger (``layers.jsonl`` every ``--log-every`` steps),
+   the evaluator (step 0, every ``--eval-every`` steps), the checkpointer (every
+   ``--save-every`` steps) and the progress reporter; a fifth stops on SIGTERM.
+4. **End** — the method finalizes (DARE, WiSE-FT, Tailor act here; LoRA merges), the last
+   statistics, evaluation and checkpoint are taken after it, and ``run.json`` gets the
+   summary (U, D, H, E, F, O) and status ``done``.
 
-SIGTERM saves and ends with status ``cancelled``; an error ends with status ``failed`` and its
-reason; a run killed outright continues with ``--resume`` exactly as if never interrupted.
+SIGTERM saves and ends ``cancelled`` (exit 130, with the ``--resume`` command to continue); a
+run that cannot go on (non-finite loss, out of memory) ends ``failed`` (exit 1, saying what to
+try); a run killed outright continues with ``--resume`` exactly as if never interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
+import math
 import os
 import platform
 import re
-import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spider.distributed import (
-    Dist,
-    gather_full,
-    is_sharded,
-    local,
-    setup,
-    shard_of,
-    sum_across,
-    wrap_model,
+from spider.distributed import Dist, setup, wrap_model
+from spider.errors import RunCancelled, RunFailed, UserError, cli_main
+from spider.hooks import (
+    SAVE_DTYPES,
+    Checkpointer,
+    Evaluator,
+    ProgressReporter,
+    StatisticsLogger,
+    StopOnSignal,
 )
-from spider.errors import UserError, cli_main
-from spider.importance import sum_of_squares
-from spider.loop import BatchSampler, LoopConfig, LoopHooks, make_optimizer, train_loop
-from spider.rundir import WEIGHTS_GROUP, RunDir, model_reference
+from spider.loop import BatchSampler, LoopConfig, add_config_flags, make_optimizer, train_loop
+from spider.rundir import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    RUNNING,
+    RunDir,
+    RunInfoWriter,
+    effective_status,
+    model_reference,
+    process_record,
+)
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "sample_checkpoints" / "tiny-llava-base")
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN = "builtin:"
 
 
 @dataclasses.dataclass
-class RunConfig:
-    """Everything that determines a run (stored whole in run.json)."""
+class RunConfig(LoopConfig):
+    """Everything that determines a run (stored whole in run.json): the loop's settings
+    (``LoopConfig``) and these."""
 
     model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={
         "help": "local model directory or run checkpoint (default: the bundled tiny LLaVA)"})
     data: str = dataclasses.field(default="builtin:counting", metadata={
         "help": "downstream data: builtin:NAME or a LLaVA-style JSON file"})
     eval_data: str = dataclasses.field(default="", metadata={
-        "help": "downstream evaluation data (default: the test split of --data)"})
+        "help": "downstream evaluation data (default: the test split of a builtin --data; "
+                "for a JSON --data, 1 in 20 of its records, held out of training)"})
+    image_folder: str = dataclasses.field(default="", metadata={
+        "help": "folder that image paths in JSON data are relative to (LLaVA's "
+                "--image-folder; default: each JSON file's own folder)"})
     upstream: str = dataclasses.field(default="builtin:upstream", metadata={
         "help": "upstream (pre-training) data, evaluated for forgetting and mixed in by "
                 "--hybrid-ratio"})
@@ -73,16 +94,6 @@ class RunConfig:
     options: dict = dataclasses.field(default_factory=dict, metadata={
         "help": "method option NAME=VALUE (repeatable)"})
     output_dir: str = dataclasses.field(default="", metadata={"help": "the run directory"})
-    steps: int = dataclasses.field(default=150, metadata={"help": "optimizer steps"})
-    lr: float = dataclasses.field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = dataclasses.field(default=1, metadata={
-        "help": "micro-batches per optimizer step"})
-    warmup_steps: int = dataclasses.field(default=10, metadata={
-        "help": "linear warm-up steps before the cosine decay"})
-    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
-    clip: float = dataclasses.field(default=1.0, metadata={
-        "help": "max gradient norm (0: no clipping)"})
     train: str = dataclasses.field(default="llm,projector", metadata={
         "help": "parts that train: comma-separated llm, projector, vision"})
     train_last_layers: int = dataclasses.field(default=0, metadata={
@@ -112,7 +123,7 @@ class RunConfig:
     parallel: str = dataclasses.field(default="auto", metadata={
         "help": "with several processes (torchrun): ddp = data parallel, fsdp = parameters "
                 "sharded (FSDP2); auto = ddp when launched on several processes, else none"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed for data, order and method"})
+
 
 
 POSITIVE = ("steps", "batch_size", "grad_accum", "eval_every", "eval_limit", "log_every",
@@ -128,6 +139,9 @@ def check_config(cfg: RunConfig) -> None:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
+        if not math.isfinite(getattr(cfg, name)):  # nan passes every comparison above
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, not "
+                            f"{getattr(cfg, name)}")
     if cfg.lr == 0:
         raise UserError("--lr must be positive")
     if not 0.0 <= cfg.hybrid_ratio < 1.0:
@@ -143,373 +157,312 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError(f"--save-tensors is not a valid regular expression: {err}") from None
     if not cfg.output_dir:
         raise UserError("--output-dir is required: where the run directory goes")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise UserError(f"--output-dir {cfg.output_dir} is a file, not a folder; choose a "
+                        "folder for the run directory")
+
+
+def check_output_dir(run: RunDir, resume: bool) -> None:
+    """``--output-dir`` must be new, empty, or hold a run that never trained; with
+    ``--resume``, a run that is not done and not still running."""
+    if resume:
+        status = effective_status(run.read_run())
+        if status == DONE:
+            raise UserError(f"the run in {run.path} is already done")
+        if status == RUNNING:
+            info = run.read_run()
+            raise UserError(f"the run in {run.path} is still running (pid {info.get('pid')} "
+                            f"on {info.get('hostname', 'this machine')}); stop it first")
+    elif not run.is_empty() and not run.never_trained():
+        raise UserError(f"--output-dir {run.path} is not empty; pass --resume to continue "
+                        "the run there, or choose another folder")
+
+
+# ------------------------------------------------------------------------------- loading
+@dataclasses.dataclass
+class RunData:
+    """The run's datasets: what it trains on, and what it is evaluated on."""
+
+    train: Any
+    upstream_train: Any | None
+    eval_sets: dict[str, Any]
+    eval_source: dict = dataclasses.field(default_factory=dict)  # which downstream eval data
+
+
+def load_data(cfg: RunConfig, report: bool = True) -> RunData:
+    """Every dataset the run uses; the images of data files are decoded once here, so a
+    damaged one is named before anything is written."""
+    from spider.data import cells, describe_eval_source, downstream_data, load_dataset
+
+    folder = cfg.image_folder or None
+    train_data, downstream, eval_source = downstream_data(
+        cfg.data, cfg.eval_data, cfg.seed, cfg.train_size or None, folder)
+    if report:
+        print(describe_eval_source(eval_source), file=sys.stderr)
+    upstream_train = (load_dataset(cfg.upstream, "train", seed=cfg.seed, image_folder=folder)
+                      if cfg.hybrid_ratio > 0 else None)
+    eval_sets = {"upstream": load_dataset(cfg.upstream, "test", seed=cfg.seed,
+                                          image_folder=folder),
+                 "downstream": downstream}
+    if cfg.data.startswith(BUILTIN) and not cfg.eval_data:
+        name = cfg.data.split(":")[1]
+        for cell in cells(name):
+            if cell != "idimg-idq":  # that cell is the downstream test split itself
+                eval_sets[cell] = load_dataset(f"{BUILTIN}{name}:{cell}", "test", seed=cfg.seed)
+    checked = [(cfg.data, train_data, None)]
+    if upstream_train is not None:
+        checked.append((cfg.upstream, upstream_train, None))
+    checked += [(split, data, cfg.eval_limit) for split, data in eval_sets.items()]
+    for spec, dataset, limit in checked:
+        decode_all(dataset, str(getattr(dataset, "name", spec)), limit, report)
+    return RunData(train_data, upstream_train, eval_sets, eval_source)
+
+
+def decode_all(dataset, name: str, limit: int | None = None, report: bool = True,
+               every_s: float = 2.0) -> None:
+    """Read every example (decoding its image) of a data file once; a progress line on
+    stderr every ``every_s`` seconds. Built-in data is generated, never damaged: skipped."""
+    if str(name).startswith(BUILTIN):
+        return
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    last = time.perf_counter()
+    for index in range(count):
+        dataset[index]
+        if report and time.perf_counter() - last > every_s:
+            print(f"checking data {name}: {index + 1}/{count} examples", file=sys.stderr)
+            last = time.perf_counter()
+
+
+@dataclasses.dataclass
+class Model:
+    """The model as the run trains it, and the method around it."""
+
+    method: Any
+    processor: Any
+    trainable: list[str]
+    train_model: torch.nn.Module  # what the loop calls: a DDP wrapper, or the model itself
+
+
+def load_model_and_method(cfg: RunConfig, dist: Dist, device: torch.device) -> Model:
+    from spider.methods import build_method, method_class
+    from spider.models import load_model, select_trainable
+
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model(cfg.model, device=str(device),
+                                  dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    parts = [p.strip() for p in cfg.train.split(",") if p.strip()]
+    trainable = select_trainable(model, parts, cfg.train_last_layers or None)
+    try:
+        cls = method_class(cfg.method)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if dist.mode == "fsdp":
+        if not cls.shardable:
+            raise UserError(f"--parallel fsdp: method '{cfg.method}' does not support "
+                            "sharded parameters; use spider or full, or --parallel ddp")
+        model = wrap_model(model, dist, device)  # the method must see the shards: shard first
+    try:
+        method = build_method(cfg.method, model, **cfg.options)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    # LoRA wraps the model: method.model is what trains and is evaluated from here on
+    train_model = wrap_model(method.model, dist, device) if dist.mode == "ddp" else method.model
+    return Model(method, processor, trainable, train_model)
+
+
+def new_run_info(cfg: RunConfig, model: Model, run: RunDir, dist: Dist,
+                 device: torch.device) -> dict:
+    """The first ``run.json`` of a run."""
+    import peft
+    import transformers
+
+    from spider.models import resolve_model_path
+
+    return {
+        "config": dataclasses.asdict(cfg),
+        "method": cfg.method,
+        "options": dataclasses.asdict(model.method.options),
+        "model": {**model_reference(resolve_model_path(cfg.model), run.path),
+                  "given": cfg.model},
+        "seed": cfg.seed,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+        "device": str(device),
+        "parallel": {"mode": dist.mode, "world_size": dist.world},
+        "trainable": model.trainable,
+        "status": RUNNING, **process_record(), "created": time.time(),
+        "progress": {"step": 0, "steps": cfg.steps},
+    }
+
+
+OOM_ADVICE = ("lower --batch-size (and raise --grad-accum to keep the batch), use --dtype "
+              "bfloat16, train fewer parameters (--train-last-layers N, or --train llm), or "
+              "lower --eval-limit if it happened while evaluating")
 
 
 # ------------------------------------------------------------------------------- the run
-class Runner(LoopHooks):
-    """Owns one run: its directory, model, method, data and the hooks the loop calls."""
+def train(cfg: RunConfig, resume: bool = False, dist: Dist | None = None,
+          device: torch.device | None = None) -> dict:
+    """Run (or, with ``resume``, continue) the fine-tuning ``cfg`` describes; returns the
+    final ``run.json``. Raises ``UserError`` before anything is written for bad input,
+    ``RunFailed`` / ``RunCancelled`` when the run ends otherwise than ``done``."""
+    from spider.models import resolve_device
 
-    def __init__(self, cfg: RunConfig, dist: Dist | None = None,
-                 device: torch.device | None = None):
-        from spider.data import cells as builtin_cells
-        from spider.data import load_dataset
-        from spider.data.collate import TrainCollator
-        from spider.methods import build_method, method_class
-        from spider.models import load_model, resolve_device, select_trainable
+    dist = dist or Dist()
+    device = device or resolve_device(cfg.device)
+    run = RunDir(cfg.output_dir)
 
-        self.cfg = cfg
-        self.run = RunDir(cfg.output_dir)
-        self.dist = dist or Dist()
-        self.device = device or resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self.model, self.processor = load_model(
-            cfg.model, device=str(self.device), dtype=None if cfg.dtype == "auto" else cfg.dtype)
-        parts = [p.strip() for p in cfg.train.split(",") if p.strip()]
-        self.trainable = select_trainable(self.model, parts, cfg.train_last_layers or None)
-        if self.dist.mode == "fsdp":
-            try:
-                shardable = method_class(cfg.method).shardable
-            except ValueError as err:
-                raise UserError(str(err)) from None
-            if not shardable:
-                raise UserError(f"--parallel fsdp: method '{cfg.method}' does not support "
-                                "sharded parameters; use spider or full, or --parallel ddp")
-            # the method must see the sharded parameters: shard first, then build it
-            self.model = wrap_model(self.model, self.dist, self.device)
+    # -- 1. check and load everything; nothing is written before this succeeds
+    check_config(cfg)
+    check_output_dir(run, resume)
+    dist.barrier()  # every process has looked before process 0 writes anything
+    if resume:
+        made = run.read_run().get("parallel", {}).get("world_size", 1)
+        if made != dist.world:
+            raise UserError(f"--resume: the run in {run.path} was made with {made} "
+                            f"process(es), not {dist.world}; resume it with as many "
+                            "(the global batch depends on it)")
+    model = load_model_and_method(cfg, dist, device)
+    method = model.method
+    data = load_data(cfg, report=dist.is_main)
+    get_batch = batches(cfg, data, model.processor, dist, device)
+    optimizer = make_optimizer(list(method.trainable_parameters()), cfg)
+    # theta0 of every trained tensor, for update norms (effective weights: LoRA merged)
+    theta0 = {n: t.detach().clone() for n, t in method.effective_weights().items()}
+
+    # -- 2. the run directory: a new run.json, or the saved state to continue from
+    info = RunInfoWriter(run, {}, enabled=dist.is_main)
+    checkpointer = Checkpointer(method, optimizer, cfg.save_every, cfg.steps, cfg.save_dtype,
+                                cfg.save_tensors, run, dist, device)
+    start = checkpointer.restore() if resume else 0
+    if start > 0:
+        info.info = {k: v for k, v in run.read_run().items() if k not in ("error", "ended")}
+        info.update(status=RUNNING, **process_record(), resumed_at_step=start)
+    else:  # a new run, or one that never trained: (again) from the start, in place
+        if dist.is_main and resume:
+            # killed before its first resume state: what it wrote is re-made exactly
+            print(f"{run.path} has no saved resume state yet; starting it again from step 0",
+                  file=sys.stderr)
+        if dist.is_main and not run.is_empty():
+            run.clear()
+        info.update(**new_run_info(cfg, model, run, dist, device),
+                    downstream_eval=data.eval_source)
+    dist.barrier()  # nobody trains before process 0 has set the run directory up
+
+    # -- 3. train: the loop, with statistics, evaluation, checkpoints and progress as hooks
+    evaluator = Evaluator(method, model.processor, data.eval_sets, cfg.eval_limit,
+                          cfg.eval_every, cfg.steps, run, info, dist, lambda: get_batch(0, 0))
+    statistics = StatisticsLogger(method, theta0, cfg.log_every, cfg.save_every, cfg.steps,
+                                  run, dist, device)
+    progress = ProgressReporter(cfg.log_every, cfg.steps, start, info, evaluator, dist)
+    step = start
+    with StopOnSignal(dist) as stop, info.heartbeat():
         try:
-            self.method = build_method(cfg.method, self.model, **cfg.options)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        self.model = self.method.model  # LoRA wraps the model
-        # what the loop trains: the DDP wrapper, or the model itself (FSDP2 shards in place)
-        self.train_model = (wrap_model(self.model, self.dist, self.device)
-                            if self.dist.mode == "ddp" else self.model)
-        # theta0 of every trained tensor, for update norms (effective weights: LoRA merged).
-        self.theta0 = {n: t.detach().clone() for n, t in self.method.effective_weights().items()}
-
-        self.train_data = load_dataset(cfg.data, "train", seed=cfg.seed,
-                                       size=cfg.train_size or None)
-        self.upstream_train = (load_dataset(cfg.upstream, "train", seed=cfg.seed)
-                               if cfg.hybrid_ratio > 0 else None)
-        self.eval_sets = {
-            "upstream": load_dataset(cfg.upstream, "test", seed=cfg.seed),
-            "downstream": load_dataset(cfg.eval_data or cfg.data, "test", seed=cfg.seed),
-        }
-        if cfg.data.startswith("builtin:") and not cfg.eval_data:
-            for cell in builtin_cells(cfg.data.split(":")[1]):
-                if cell != "idimg-idq":  # that cell is the downstream test split itself
-                    self.eval_sets[cell] = load_dataset(f"{cfg.data.split(':')[0]}:"
-                                                        f"{cfg.data.split(':')[1]}:{cell}",
-                                                        "test", seed=cfg.seed)
-        self.collate = TrainCollator(self.processor)
-        self.sampler = BatchSampler(len(self.train_data), cfg.batch_size, cfg.grad_accum,
-                                    cfg.seed, len(self.upstream_train or []), cfg.hybrid_ratio,
-                                    rank=self.dist.rank, world=self.dist.world)
-        self.loop_cfg = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                                   batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                   clip=cfg.clip, weight_decay=cfg.weight_decay, seed=cfg.seed)
-        self.optimizer = make_optimizer(list(self.method.trainable_parameters()), self.loop_cfg)
-        self.save_pattern = re.compile(cfg.save_tensors) if cfg.save_tensors else None
-        self.stop_requested = False
-        self.started = time.perf_counter()
-        self.start_step = 0
-        self.pending: list[dict] = []
-        self.info: dict[str, Any] = {}
-        self._fsdp_ready = False
-
-    # -- data
-    def get_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        main, mixed = self.sampler.indices(step, micro)
-        examples = [self.train_data[i] for i in main]
-        examples += [self.upstream_train[i] for i in mixed] if mixed else []
-        return {k: v.to(self.device) for k, v in self.collate(examples).items()}
-
-    # -- run.json
-    def write_info(self, **changes: Any) -> None:
-        self.info.update(changes, updated=time.time())
-        if self.dist.is_main:  # process 0 alone writes the run directory
-            self.run.write_run(self.info)
-
-    def begin(self) -> None:
-        import peft
-        import transformers
-
-        from spider.models import resolve_model_path
-
-        self.info = {
-            "config": dataclasses.asdict(self.cfg),
-            "method": self.cfg.method,
-            "options": dataclasses.asdict(self.method.options),
-            "model": {**model_reference(resolve_model_path(self.cfg.model), self.run.path),
-                      "given": self.cfg.model},
-            "seed": self.cfg.seed,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "python": platform.python_version()},
-            "device": str(self.device),
-            "parallel": {"mode": self.dist.mode, "world_size": self.dist.world},
-            "trainable": self.trainable,
-            "status": "running", "pid": os.getpid(), "created": time.time(),
-            "progress": {"step": 0, "steps": self.cfg.steps},
-        }
-        self.write_info()
-
-    # -- evaluation
-    def evaluate(self, step: int) -> dict[str, float]:
-        from spider.evaluate import evaluate
-
-        if not self.dist.sees_whole_model:
-            # DDP: process 0 evaluates its full copy of the model while the others wait;
-            # FSDP2: every process takes part in every forward pass, on the same examples.
-            self.dist.barrier()
-            return {}
-        self.model.eval()
-        if self.dist.mode == "fsdp":
-            # generate() reaches submodules without the root's forward, whose hook would
-            # gather the root's own parameters (embeddings, norms, head): gather them here.
-            if not self._fsdp_ready:
-                # FSDP2 sets its hooks up on the root's first forward: one without gradients
-                with torch.no_grad():
-                    self.model(**self.get_batch(0, 0))
-                self._fsdp_ready = True
-            self.model.unshard()
-        scores, events = {}, []
-        try:
-            for split, data in self.eval_sets.items():
-                result = evaluate(self.model, self.processor, data, batch_size=64,
-                                  limit=self.cfg.eval_limit)
-                scores[split] = result["score"]
-                events.append({"event": "eval", "step": step, "split": split,
-                               "metric": "score", "value": result["score"], "n": result["n"]})
-                for task, entry in result["tasks"].items():
-                    events.append({"event": "eval", "step": step, "split": split,
-                                   "metric": f"task:{task}", "value": entry["score"]})
-        finally:
-            self.model.train()
-            if self.dist.mode == "fsdp":
-                self.model.reshard()
-        if self.dist.is_main:
-            self.run.append_events(events)
-            line = "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
-            print(f"eval step {step}: {line}", file=sys.stderr)
-        if self.dist.mode == "ddp":
-            self.dist.barrier()
-        return scores
-
-    # -- statistics
-    @torch.no_grad()
-    def layer_rows(self, step: int) -> list[dict]:
-        stats = self.method.statistics()
-        weights = self.method.effective_weights()
-        # squared norms of theta0 and of the update, per tensor (of this process's shards,
-        # summed over processes under FSDP2 in one all-reduce)
-        squares = torch.tensor([
-            [float(sum_of_squares(local(self.theta0[name]).float().reshape(-1))),
-             float(sum_of_squares((local(weight).float() - local(self.theta0[name])).reshape(-1)))]
-            for name, weight in weights.items()], dtype=torch.float64).reshape(-1, 2)
-        if self.dist.mode == "fsdp":
-            squares = sum_across(squares.to(self.device)).cpu()
-        rows = []
-        for (name, weight), (base_sq, update_sq) in zip(weights.items(), squares.tolist()):
-            base_norm, update = base_sq ** 0.5, update_sq ** 0.5
-            row = {"step": step, "param": name, "numel": weight.numel()}
-            row.update(stats.get(name, {}))
-            row.update(update_norm=update, update_rel_norm=update / base_norm if base_norm else
-                       float("nan"), theta0_norm=base_norm)
-            rows.append(row)
-        return rows
-
-    # -- checkpoints
-    def _cast(self, tensors: dict[str, torch.Tensor], key_name=lambda k: k) -> dict:
-        """Tensors cast to ``--save-dtype`` and filtered by ``--save-tensors``; ``key_name``
-        gives the parameter a key belongs to (None for a method's own flags, always kept)."""
-        dtype = SAVE_DTYPES[self.cfg.save_dtype]
-        return {k: t.detach().to(dtype) if t.is_floating_point() else t.detach()
-                for k, t in tensors.items()
-                if self.save_pattern is None or key_name(k) is None
-                or self.save_pattern.search(key_name(k))}
-
-    def save(self, step: int) -> None:
-        """An analysis checkpoint of ``step`` and, replacing the last one, the resume state.
-
-        Both hold whole tensors; under FSDP2 they are gathered one at a time (every process
-        takes part) and process 0 writes them.
-        """
-        if not self.dist.sees_whole_model:
-            return  # DDP: every process holds the same state; process 0 writes it
-        state = self.method.state_dict()
-        analysis = {
-            WEIGHTS_GROUP: self._cast(gather_full(self.method.effective_weights(),
-                                                  to_cpu=self.dist.mode == "fsdp")),
-            "method": self._cast(gather_full(self.method.analysis_state(),
-                                             to_cpu=self.dist.mode == "fsdp"),
-                                 lambda k: k.split("/", 1)[1] if "/" in k else None),
-        }
-        if self.dist.is_main:
-            self.run.write_checkpoint(step, analysis, {
-                "method": state["meta"], "save_dtype": self.cfg.save_dtype,
-                "save_tensors": self.cfg.save_tensors})
-        del analysis
-        optimizer = self.optimizer.state_dict()
-        opt_tensors, opt_meta = {}, {}
-        for index, entry in optimizer["state"].items():
-            for key, value in entry.items():
-                if torch.is_tensor(value):
-                    opt_tensors[f"{index}/{key}"] = value
-                else:
-                    opt_meta[f"{index}/{key}"] = value
-        weights = ({n: p.detach() for n, p in self.method.params.items()}
-                   if self.method.restores_weights else {})
-        groups = {"weights": weights, "method": state["tensors"], "optimizer": opt_tensors}
-        if self.dist.mode == "fsdp":
-            groups = {g: gather_full(tensors) for g, tensors in groups.items()}
-        if self.dist.is_main:
-            self.run.write_resume(step, groups, {
-                "method": state["meta"], "optimizer_groups": optimizer["param_groups"],
-                "optimizer_scalars": opt_meta})
-
-    def restore(self) -> int:
-        """Load the resume state; drop every event, statistic and checkpoint after it."""
-        found = self.run.read_resume()
-        if found is None:
-            return 0
-        meta, groups = found
-        step = int(meta["step"])
-        with torch.no_grad():
-            for name, tensor in groups.get("weights", {}).items():
-                if name not in self.method.params:
-                    raise UserError(f"{self.run.resume_dir}: tensor {name} is not a trained "
-                                    "parameter of this run's model")
-                param = self.method.params[name]
-                local(param).copy_(shard_of(tensor, param))
-        try:
-            self.method.load_state_dict({"meta": meta["method"],
-                                         "tensors": groups.get("method", {})})
-        except ValueError as err:
-            raise UserError(f"{self.run.resume_dir} does not match this run: {err}") from None
-        state: dict[int, dict[str, Any]] = {}
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        for key, tensor in groups.get("optimizer", {}).items():
-            index, name = key.split("/", 1)
-            state.setdefault(int(index), {})[name] = _like_param(tensor.to(self.device),
-                                                                 params[int(index)])
-        for key, value in meta.get("optimizer_scalars", {}).items():
-            index, name = key.split("/", 1)
-            state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state,
-                                        "param_groups": meta["optimizer_groups"]})
-        if self.dist.is_main:
-            self.run.truncate_events(step)
-            self.run.truncate_layers(step)
-            self.run.remove_checkpoints_after(step)
-        self.dist.barrier()
-        return step
-
-    # -- loop hooks
-    def after_step(self, step: int, record: dict) -> None:
-        cfg = self.cfg
-        self.pending.append({"event": "train", **record})
-        log_now = step % cfg.log_every == 0 or step == cfg.steps
-        if log_now:
-            if self.dist.sees_whole_model:
-                rows = self.layer_rows(step)
-            if self.dist.is_main:
-                self.run.append_events(self.pending)
-                self.run.append_layers(rows)
-            self.pending = []
-            done = step - self.start_step
-            elapsed = time.perf_counter() - self.started
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (cfg.steps - step) / rate if rate > 0 else None
-            eta_text = f"{eta:.0f}s" if eta is not None else "?"
-            if self.dist.is_main:
-                print(f"step {step}/{cfg.steps}  loss {record['loss']:.4f}  "
-                      f"lr {record['lr']:.2e}  {rate:.2f} it/s  ETA {eta_text}", file=sys.stderr)
-            self.write_info(progress={"step": step, "steps": cfg.steps, "loss": record["loss"],
-                                      "it_per_s": rate, "eta_s": eta})
-        # Statistics come out of the update itself on the steps that are logged.
-        self.method.collect_statistics = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        if step < cfg.steps and step % cfg.eval_every == 0:
-            self.evaluate(step)
-        if step < cfg.steps and step % cfg.save_every == 0:
-            self.save(step)
-
-    def should_stop(self) -> bool:
-        # all processes stop at the same step, whichever of them got the signal
-        return self.dist.any(self.stop_requested)
-
-    # -- the whole run
-    def execute(self, resume: bool) -> dict:
-        if resume:
-            made = self.run.read_run().get("parallel", {}).get("world_size", 1)
-            if made != self.dist.world:
-                raise UserError(f"--resume: the run in {self.run.path} was made with {made} "
-                                f"process(es), not {self.dist.world}; resume it with as many "
-                                "(the global batch depends on it)")
-        self.start_step = self.restore() if resume else 0
-        if resume:
-            self.info = self.run.read_run()
-            self.write_info(status="running", pid=os.getpid(), resumed_at_step=self.start_step)
-        else:
-            self.begin()
-        self.dist.barrier()  # nobody trains before process 0 has set the run directory up
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        try:
-            if self.start_step == 0:
-                self.evaluate(0)
-            self.started = time.perf_counter()
-            self.method.collect_statistics = (self.start_step + 1) % self.cfg.log_every == 0
-            self.model.train()
-            step = train_loop(self.train_model, self.method, self.optimizer, self.get_batch,
-                              self.loop_cfg, self, start_step=self.start_step,
-                              device=self.device, dist=self.dist)
-            if self.pending and self.dist.is_main:
-                self.run.append_events(self.pending)
-            self.pending = []
-            if step < self.cfg.steps:  # stopped by SIGTERM
-                self.save(step)
-                self.write_info(status="cancelled", ended=time.time(),
-                                progress={**self.info.get("progress", {}), "step": step})
-                return self.info
-            self.method.finalize()
-            self.model = self.method.model
-            final = self.evaluate(self.cfg.steps)
-            self.save(self.cfg.steps)
-            if self.dist.is_main:
-                self.write_info(status="done", ended=time.time(), summary=self.summary(final))
-                self.run.remove_resume()  # a finished run is never resumed: free the space
-            self.dist.barrier()
-            return self.info
-        except BaseException as err:
-            if self.pending and self.dist.is_main:
-                self.run.append_events(self.pending)
-            reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
-            self.write_info(status=status, ended=time.time(), error=reason)
+            if start == 0:
+                evaluator.evaluate(0)
+            progress.start()
+            method.collect_statistics = statistics.logs_at(start + 1)
+            model.train_model.train()
+            step = train_loop(model.train_model, method, optimizer, get_batch, cfg,
+                              [statistics, evaluator, checkpointer, progress, stop],
+                              start_step=start, device=device, dist=dist)
+            statistics.flush()
+            if step < cfg.steps:  # -- 4a. stopped by SIGTERM: save, say how to continue
+                checkpointer.save(step)
+                info.update(status=CANCELLED, ended=time.time())
+                info.update_progress(step=step, saved_step=step)
+                raise RunCancelled(f"stopped at step {step} of {cfg.steps} and saved; "
+                                   f"continue with: {_resume_command(run)}")
+            # -- 4b. the end: finalize, then the last statistics, evaluation and checkpoint
+            method.finalize()
+            statistics.log_final(step)
+            final = evaluator.evaluate(step)
+            checkpointer.save(step, finalized=True)
+            if dist.is_main:
+                info.update(status=DONE, ended=time.time(), summary=_summary(run, final))
+                run.remove_resume()  # a finished run is never resumed: free the space
+            dist.barrier()
+            return info.info
+        except RunCancelled:
             raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        except BaseException as err:
+            failure = _as_failure(err, progress.step, device)
+            status = CANCELLED if isinstance(err, KeyboardInterrupt) else FAILED
+            # on a full disk these writes may fail too: the error that ended the run is the
+            # one to report (run.json then keeps "running", read as stopped unexpectedly)
+            with contextlib.suppress(OSError):
+                statistics.flush()
+            with contextlib.suppress(OSError):
+                info.update(status=status, ended=time.time(), error=str(failure or err) if
+                            failure or isinstance(err, UserError)
+                            else f"{type(err).__name__}: {err}")
+                info.update_progress(step=progress.step, saved_step=checkpointer.last_saved)
+            if failure is not None:
+                raise failure from None
+            raise
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True  # the loop ends after this step; then save + "cancelled"
 
-    def summary(self, final: dict[str, float]) -> dict[str, float]:
-        from spider.metrics import summary
+def _as_failure(err: BaseException, step: int, device: torch.device
+                ) -> RunFailed | RunCancelled | None:
+    """The taxonomy's reading of an error that ended a run (None: a bug, or a UserError)."""
+    if isinstance(err, KeyboardInterrupt):
+        return RunCancelled(f"interrupted at step {step}; continue from the last saved step "
+                            "with --resume")
+    if isinstance(err, torch.OutOfMemoryError) or (
+            isinstance(err, RuntimeError) and "out of memory" in str(err).lower()):
+        return RunFailed(f"out of memory on {device} after step {step}; {OOM_ADVICE}")
+    if isinstance(err, RunFailed):
+        return err
+    full = _disk_full(err)
+    if full is not None:
+        return RunFailed(f"the disk is full ({full}) after step {step}; the checkpoints saved "
+                         "before are intact: free space and continue with --resume")
+    return None
 
-        base = {e["split"]: e["value"] for e in self.run.read_events()
-                if e.get("event") == "eval" and e["step"] == 0 and e["metric"] == "score"}
-        return summary(base["upstream"], base["downstream"], final["upstream"],
-                       final["downstream"])
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+DISK_FULL_TEXTS = tuple(os.strerror(e).lower() for e in DISK_FULL_ERRNOS)
 
 
-def _like_param(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """An optimizer state tensor read whole from disk, laid out like its parameter's state
-    (sharded like the parameter under FSDP2; scalars such as ``step`` stay as they are)."""
-    if is_sharded(param) and tensor.shape == param.shape:
-        from torch.distributed.tensor import distribute_tensor
+def _disk_full(err: BaseException) -> str | None:
+    """What a failed write says when the disk (or quota) is full, else None. safetensors
+    wraps the operating system's error in its own exception, so its text is read too."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return f"{os.strerror(err.errno)} writing {err.filename}" if err.filename else \
+            os.strerror(err.errno)
+    text = str(err).lower()
+    return next((os.strerror(e) for e, t in zip(DISK_FULL_ERRNOS, DISK_FULL_TEXTS)
+                 if t in text), None)
 
-        return distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements,
-                                 src_data_rank=None)
-    return tensor
+
+def _resume_command(run: RunDir) -> str:
+    return f"python -m spider.train --output-dir {run.path} --resume"
+
+
+def batches(cfg: RunConfig, data: RunData, processor, dist: Dist, device: torch.device
+            ) -> Callable[[int, int], dict[str, torch.Tensor]]:
+    """``get_batch(step, micro)``: this process's micro-batch, a pure function of the seed."""
+    from spider.data.collate import TrainCollator
+
+    collate = TrainCollator(processor)
+    sampler = BatchSampler(len(data.train), cfg.batch_size, cfg.grad_accum, cfg.seed,
+                           len(data.upstream_train or []), cfg.hybrid_ratio,
+                           rank=dist.rank, world=dist.world)
+
+    def get_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        main, mixed = sampler.indices(step, micro)
+        examples = [data.train[i] for i in main] + [data.upstream_train[i] for i in mixed]
+        return {k: v.to(device) for k, v in collate(examples).items()}
+
+    return get_batch
+
+
+def _summary(run: RunDir, final: dict[str, float]) -> dict[str, float]:
+    from spider.metrics import summary
+
+    base = {e["split"]: e["value"] for e in run.read_events()
+            if e.get("event") == "eval" and e["step"] == 0 and e["metric"] == "score"}
+    return summary(base["upstream"], base["downstream"], final["upstream"], final["downstream"])
 
 
 # ------------------------------------------------------------------------------- command line
@@ -517,18 +470,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m spider.train", description=__doc__.split("\n\n")[0],
         argument_default=argparse.SUPPRESS)
-    for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata["help"]
-        if field.name == "options":
-            parser.add_argument("--option", dest="options", action="append", metavar="NAME=VALUE",
-                                help=help_text)
-        elif field.type in ("int", int):
-            parser.add_argument(flag, type=int, help=help_text)
-        elif field.type in ("float", float):
-            parser.add_argument(flag, type=float, help=help_text)
-        else:
-            parser.add_argument(flag, help=help_text)
+    add_config_flags(parser, RunConfig)
+    parser.add_argument("--option", dest="options", action="append", metavar="NAME=VALUE",
+                        help=dataclasses.fields(RunConfig)[
+                            [f.name for f in dataclasses.fields(RunConfig)].index("options")
+                        ].metadata["help"])
     parser.add_argument("--config", type=Path, help="JSON file of settings (flags override it)")
     parser.add_argument("--resume", action="store_true", default=False,
                         help="continue the run in --output-dir from its last saved step")
@@ -574,6 +520,8 @@ def build_config(argv: list[str] | None) -> tuple[RunConfig, bool]:
     if resume:
         if not settings.get("output_dir"):
             raise UserError("--resume needs --output-dir: the run to continue")
+        if Path(settings["output_dir"]).is_file():
+            raise UserError(f"--output-dir {settings['output_dir']} is a file, not a run folder")
         stored = RunDir(settings["output_dir"]).read_run().get("config", {})
         # the folder may have moved since: where it is now wins
         clashes = [k for k, v in settings.items()
@@ -597,18 +545,14 @@ def main(argv: list[str] | None = None) -> dict:
     from spider.models import resolve_device
 
     cfg, resume = build_config(argv)
-    run = RunDir(cfg.output_dir)
     dist, device = setup(cfg.parallel, resolve_device(cfg.device))
+    run = RunDir(cfg.output_dir)
     try:
-        # every process checks before any of them writes, so all agree
-        if not resume and run.path.exists() and any(run.path.iterdir()):
-            raise UserError(f"--output-dir {run.path} is not empty; pass --resume to continue "
-                            "the run there, or choose another folder")
-        if resume and run.read_run().get("status") == "done":
-            raise UserError(f"the run in {run.path} is already done")
-        dist.barrier()
-        runner = Runner(cfg, dist, device)
-        info = runner.execute(resume)
+        info = train(cfg, resume, dist, device)
+    except RunCancelled:
+        if dist.is_main:
+            print(json.dumps({"output_dir": str(run.path), "status": CANCELLED}))
+        raise
     finally:
         dist.shutdown()
     if dist.is_main:

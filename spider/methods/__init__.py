@@ -1,4 +1,4 @@
-"""Forgetting-mitigation methods as pluggable hooks for any PyTorch loop (DESIGN.md §3).
+"""Forgetting-mitigation methods as pluggable hooks for any PyTorch loop (ARCHITECTURE.md, "Methods").
 
 >>> from spider.methods import build_method, available_methods
 >>> m = build_method("spider", model)            # doctest: +SKIP

@@ -13,7 +13,8 @@ baseline stays one readable file; only the fiddly, easy-to-get-wrong pieces live
   It lives on the tensor's device (drawing a 7B model's masks on the CPU takes minutes), so
   the same seed gives the same choice on the same kind of device; a resumed run never
   redraws, it loads the masks from the state;
-* ``pack`` / ``load_group`` / flags: the ``extra_state`` layout ``"<group>/<param name>"``.
+* ``pack`` / ``load_group`` / flags: the ``extra_state`` layout ``"<group>/<param name>"``,
+  the run directory's method-state key convention (``spider.rundir.state_key``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 import torch
 
 from spider.methods.base import MethodBase, check_state_tensors, snapshot
+from spider.rundir import split_state_key, state_key
 
 FINALIZED_KEY = "finalized"
 
@@ -109,14 +111,14 @@ def restore_(p: torch.Tensor, anchor: torch.Tensor, pinned: torch.Tensor) -> Non
 # --------------------------------------------------------------------- state
 def pack(group: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{"<group>/<name>": tensor}``: the key layout of every baseline's ``extra_state``."""
-    return {f"{group}/{name}": t for name, t in tensors.items()}
+    return {state_key(group, name): t for name, t in tensors.items()}
 
 
 def take_group(tensors: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
     """Remove and return the ``"<group>/..."`` entries of ``tensors``, keyed by param name."""
-    prefix = f"{group}/"
-    keys = [key for key in tensors if key.startswith(prefix)]
-    return {key[len(prefix) :]: tensors.pop(key) for key in keys}
+    keys = [key for key in tensors if split_state_key(key)[0] == group
+            and split_state_key(key)[1] is not None]
+    return {split_state_key(key)[1]: tensors.pop(key) for key in keys}
 
 
 @torch.no_grad()

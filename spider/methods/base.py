@@ -1,4 +1,4 @@
-"""The ``Method`` contract (DESIGN.md §3), a no-op base class, and the registry.
+"""The ``Method`` contract (ARCHITECTURE.md, "Methods"), a no-op base class, and the registry.
 
 A method is built on a model whose trainable tensors (``requires_grad=True``) it snapshots,
 and is driven by any PyTorch loop through a handful of hooks::
@@ -28,8 +28,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-# Per-tensor statistics every method can report (DESIGN.md §4, "layers"): the analysis and the
-# runner rely on these names. NaN where a method has no such notion (e.g. importances of L2).
+# Per-tensor statistics every method can report (ARCHITECTURE.md, "The run directory"): the
+# analysis and the runner rely on these names. NaN where a method has no such notion (e.g. importances of L2).
 STAT_COLUMNS = (
     "mask_mean",  # mean keep-weight w over the tensor (1 = free, 0 = pinned to theta0)
     "mask_density",  # fraction of entries with w > 0

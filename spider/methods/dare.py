@@ -3,7 +3,7 @@
 Why: "Language Models are Super Mario" (Yu et al., ICML 2024) observe that fine-tuning
 deltas are highly redundant: dropping 90 % of them and rescaling the survivors keeps the
 downstream skill, while the model moves back towards ``theta0`` on the dropped entries. The
-SPIDER paper uses it as a forgetting baseline (DESIGN.md §1, baselines).
+SPIDER paper uses it as a forgetting baseline (ARCHITECTURE.md, "Methods").
 
 Training is plain full fine-tuning. In ``finalize()``, per trainable tensor ``p``::
 

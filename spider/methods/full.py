@@ -1,7 +1,7 @@
 """Full fine-tuning: the reference every forgetting-mitigation method is judged against.
 
-Rule: ``p <- optimizer(p)`` for every trainable tensor, nothing else (DESIGN.md §1,
-baselines). It exists as a method so that runs, checkpoints and the app treat it like any
+Rule: ``p <- optimizer(p)`` for every trainable tensor, nothing else (ARCHITECTURE.md,
+"Methods"). It exists as a method so that runs, checkpoints and the app treat it like any
 other: its keep-weight ``w`` is 1 everywhere, i.e. no entry is pulled back to ``theta0``.
 """
 

@@ -3,7 +3,7 @@
 Why: "HFT: Half Fine-Tuning for Large Language Models" (Hui et al., 2024) argue that
 leaving half of the parameters at their previous values keeps much of the earlier knowledge
 (a mild form of resetting), while the other half is enough to learn the new task; a fresh
-random half is chosen every round (DESIGN.md §1, baselines).
+random half is chosen every round (ARCHITECTURE.md, "Methods").
 
 Rule, per trainable tensor ``p``, for round ``r = steps_done // round_steps`` (one round for
 the whole run when ``round_steps = 0``)::

@@ -4,7 +4,7 @@ Why: the classic soft alternative to masking (L2-SP, Xuhong Li et al., ICML 2018
 baseline of the SPIDER paper): every weight may move, but moving away from ``theta0`` costs
 loss, so the optimizer trades downstream fit against staying close to the pre-trained model.
 
-Rule (DESIGN.md §1, baselines)::
+Rule (ARCHITECTURE.md, "Methods")::
 
     loss <- loss + lam * sum over trainable tensors p of mean((p - theta0)^2)     (lam = 1e-3)
 

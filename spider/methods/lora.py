@@ -4,7 +4,7 @@ Why: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., ICLR 2022)
 default parameter-efficient fine-tuning of MLLMs, and a common answer to forgetting: the
 update ``delta W = (alpha / r) * B @ A`` has rank at most ``r``, so it can only move the model
 so far ("LoRA learns less and forgets less", Biderman et al., 2024). It is a SPIDER baseline
-(DESIGN.md §1, baselines).
+(ARCHITECTURE.md, "Methods").
 
 Rule, for each targeted ``nn.Linear`` with weight ``W`` (default: every ``nn.Linear`` whose
 weight is trainable, except ``lm_head``)::

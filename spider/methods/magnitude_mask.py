@@ -5,7 +5,7 @@ gradient-free ablation of SPIDER's pre-training importance ``I = rank(|theta0|)`
 pre-trained weights carry generalisation, freezing them alone should already limit
 forgetting. Comparing it with SPIDER shows what the fine-tuning importance ``G`` adds.
 
-Rule, per trainable tensor ``p`` (DESIGN.md §1, baselines)::
+Rule, per trainable tensor ``p`` (ARCHITECTURE.md, "Methods")::
 
     pinned = the round(ratio * numel) entries of largest |theta0|     (ratio = 0.5)
     p      <- where(pinned, theta0, p)      after every optimizer step (bit for bit)

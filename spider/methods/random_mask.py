@@ -2,7 +2,7 @@
 
 Why: the control for every *informed* mask. If the magnitude mask or SPIDER beat a random
 mask that pins as many weights, the choice of *which* weights matters, not just how many
-(DESIGN.md §1, baselines).
+(ARCHITECTURE.md, "Methods").
 
 Rule, per trainable tensor ``p``::
 

@@ -1,7 +1,7 @@
 """SPIDER: Importance Discrepancy Measurement + Importance Selection Mask.
 
 Huang et al., "Learn from Downstream and Be Yourself in Multimodal Large Language Model
-Fine-Tuning", ICML 2025 (arXiv 2411.10928). For every trainable tensor ``p`` (DESIGN.md §1)::
+Fine-Tuning", ICML 2025 (arXiv 2411.10928). For every trainable tensor ``p`` (ARCHITECTURE.md, "The SPIDER rule")::
 
     I  = rank(theta0)                       pre-training importance (fixed)
     S += p.grad                             after optimizer.step(), i.e. after clipping

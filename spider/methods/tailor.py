@@ -4,7 +4,7 @@ Why: "Model Tailor: Mitigating Catastrophic Forgetting in Multi-modal Large Lang
 (Zhu et al., ICML 2024) find that grafting only a small "model patch" (<= 10 % of the
 fine-tuned weights) onto the pre-trained model keeps most of the downstream gain and almost
 all of the pre-trained ability. The patch is chosen by how much each entry matters to the
-downstream loss. It is a post-hoc baseline of the SPIDER paper (DESIGN.md §1, baselines).
+downstream loss. It is a post-hoc baseline of the SPIDER paper (ARCHITECTURE.md, "Methods").
 
 Rule. During training (after every optimizer step, i.e. on clipped gradients) accumulate the
 diagonal empirical Fisher ``F += grad^2`` per trainable tensor. In ``finalize()``::

@@ -3,7 +3,7 @@
 Why: "Robust fine-tuning of zero-shot models" (Wortsman et al., CVPR 2022) show that the
 straight line between ``theta0`` and the fine-tuned weights often keeps most of the
 downstream gain while recovering much of the pre-trained robustness. The SPIDER comparison
-uses it as the simplest post-hoc forgetting baseline (DESIGN.md §1, baselines).
+uses it as the simplest post-hoc forgetting baseline (ARCHITECTURE.md, "Methods").
 
 Training is plain full fine-tuning. In ``finalize()``, per trainable tensor ``p``::
 

@@ -19,12 +19,14 @@ from spider.errors import UserError
 from spider.importance import rank
 from spider.methods.spider import SpiderOptions, keep_weight
 from spider.naming import parse_param_name
-from spider.rundir import RunDir
+from spider.rundir import RunDir, process_record
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_checkpoints" / "runs"
 BASE = ROOT / "sample_checkpoints" / "tiny-llava-base"
-SAMPLE_RUNS = ("dare", "full", "hybrid", "l2", "lora", "magnitude_mask", "spider")
+# the bundled sample runs (scripts/make_sample_runs.sh decides which); these at least
+CORE_SAMPLE_RUNS = ("dare", "full", "lora", "magnitude_mask", "spider")
+SAMPLE_RUNS = tuple(sorted(p.name for p in SAMPLES.iterdir() if (p / "run.json").is_file()))
 DOWN = "model.language_model.layers.3.mlp.down_proj.weight"
 PROJ_BIAS = "model.multi_modal_projector.linear_1.bias"
 
@@ -80,7 +82,10 @@ def test_every_sample_run_loads_and_its_scores_agree_with_run_json(name):
     assert row["step"] == 150
 
     train = run.train
-    assert tuple(train.columns) == stats.TRAIN_COLUMNS
+    assert tuple(train.columns) == (*stats.TRAIN_COLUMNS, "seconds")
+    raw = [json.loads(line) for line in (SAMPLES / name / "metrics.jsonl").open()]
+    seconds = [e["seconds"] for e in raw if e.get("event") == "train"]
+    assert train["seconds"].tolist() == pytest.approx(seconds) and min(seconds) > 0
     assert train["step"].tolist() == list(range(1, 151))
     assert train["loss"].iloc[-1] == pytest.approx(info["progress"]["loss"])
 
@@ -145,7 +150,7 @@ def test_frames_are_read_lazily_once(monkeypatch):
 def test_a_running_run_with_a_torn_last_line_loads(tmp_path):
     path = copy_run(tmp_path, "spider")
     info = json.loads((path / "run.json").read_text())
-    info["status"] = "running"
+    info.update(status="running", **process_record())  # this process: alive
     (path / "run.json").write_text(json.dumps(info))
     with open(path / "metrics.jsonl", "a") as handle:
         handle.write('{"event": "eval", "step": 160, "split": "upstr')
@@ -281,13 +286,39 @@ def test_bad_requests_are_clear_errors():
         run.tensor(7, DOWN, "weight")
     with pytest.raises(ValueError, match="unknown tensor kind 'grad'; choose from mask"):
         run.tensor(75, DOWN, "grad")
+    with pytest.raises(ValueError, match=r"parameter 'bogus' does not exist in the model of "
+                       r"run spider"):
+        run.tensor(75, "bogus", "delta")
+    with pytest.raises(ValueError, match=f"does not exist.*did you mean {DOWN}"):
+        run.tensor(75, DOWN[:-1], "delta")
+    # a name that does not exist is not blamed on the save_tensors regex, whether it would
+    # match the regex or not
+    for typo in (DOWN.replace("weight", "weigth"), DOWN.replace("layers.3", "layers.0")
+                 .replace("weight", "weigth")):
+        with pytest.raises(ValueError, match=r"does not exist.*did you mean") as info:
+            run.tensor(75, typo, "weight")
+        assert "regex" not in str(info.value)
+    with pytest.raises(ValueError, match=r"was not trained in run spider"):
+        run.tensor(75, "model.vision_tower.embeddings.patch_embedding.weight",
+                   "weight")
+    assert set(TENSOR_KINDS) == {"mask", "importance_pre", "importance_ft", "delta", "weight"}
+
+
+def test_a_parameter_left_out_by_save_tensors_names_the_regex(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = copy_run(tmp_path, "spider")
+    checkpoint = path / "checkpoints" / "step-000075"
+    pattern = r"layers\.3\."
+    weights = load_file(checkpoint / "weights.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.3." in k},
+              checkpoint / "weights.safetensors")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps({**meta, "save_tensors": pattern}))
+    run = load_run(path)
     with pytest.raises(ValueError, match=r"not saved in checkpoint step 75.*save_tensors regex"):
         run.tensor(75, "model.language_model.layers.0.mlp.down_proj.weight", "weight")
-    with pytest.raises(ValueError, match=r"no tensor for parameter 'bogus'"):
-        run.tensor(75, "bogus", "delta")
-    with pytest.raises(ValueError, match=f"did you mean {DOWN}"):
-        run.tensor(75, DOWN[:-1], "delta")
-    assert set(TENSOR_KINDS) == {"mask", "importance_pre", "importance_ft", "delta", "weight"}
+    assert run.tensor(75, DOWN, "weight").shape == (160, 448)
 
 
 def test_a_truncated_checkpoint_file_is_named_and_other_steps_still_load(tmp_path):
@@ -325,27 +356,44 @@ def test_a_missing_base_model_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def fresh_spider_run(tmp_path_factory):
     """A 3-step SPIDER ablation run (no normalisation, S = sum |grad|), float32 checkpoints,
-    trained in-process by the project's Runner; evaluation is stubbed (scores are not what
-    this checks). Returns ``(run directory, live runner)``."""
+    trained in-process by ``spider.train.train``; evaluation is stubbed (scores are not what
+    this checks). Returns ``(run directory, live)`` where ``live.method`` is the trainer's
+    method and ``live.theta0`` its weights before training."""
     torch.set_num_threads(1)
-    from spider.train import RunConfig, Runner
+    from types import SimpleNamespace
 
-    class QuietRunner(Runner):
-        def evaluate(self, step):
-            scores = {"upstream": 0.5, "downstream": 0.1 + step / 100}
-            self.run.append_events([
-                {"event": "eval", "step": step, "split": split, "metric": "score",
-                 "value": value, "n": 1} for split, value in scores.items()])
-            return scores
+    import spider.train
+    from spider.hooks import Evaluator
+    from spider.train import RunConfig, train
 
-    out = tmp_path_factory.mktemp("fresh") / "run"
-    cfg = RunConfig(output_dir=str(out), model=str(BASE), steps=3, eval_every=2, save_every=2,
-                    log_every=1, eval_limit=1, batch_size=2, train_size=8, warmup_steps=0,
-                    lr=1e-2, options={"normalize": "false", "accumulate": "abs"},
-                    save_dtype="float32")
-    runner = QuietRunner(cfg)
-    runner.execute(resume=False)
-    return out, runner
+    live = SimpleNamespace()
+
+    def quiet_evaluate(self, step):
+        scores = {"upstream": 0.5, "downstream": 0.1 + step / 100}
+        self.run.append_events([
+            {"event": "eval", "step": step, "split": split, "metric": "score",
+             "value": value, "n": 1} for split, value in scores.items()])
+        return scores
+
+    def keep_method(*args, **kwargs):
+        model = load(*args, **kwargs)
+        live.method = model.method
+        live.theta0 = {n: t.detach().clone()
+                       for n, t in model.method.effective_weights().items()}
+        return model
+
+    load = spider.train.load_model_and_method
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Evaluator, "evaluate", quiet_evaluate)
+        patch.setattr(spider.train, "load_model_and_method", keep_method)
+        out = tmp_path_factory.mktemp("fresh") / "run"
+        cfg = RunConfig(output_dir=str(out), model=str(BASE), steps=3, eval_every=2,
+                        save_every=2, log_every=1, eval_limit=1, batch_size=2, train_size=8,
+                        warmup_steps=0, lr=1e-2,
+                        options={"normalize": "false", "accumulate": "abs"},
+                        save_dtype="float32", device="cpu")
+        train(cfg)
+    return out, live
 
 
 def test_rebuilt_masks_and_importances_equal_the_live_method(fresh_spider_run):
@@ -383,6 +431,78 @@ def test_fresh_run_weights_deltas_and_theta0_names_match_the_trainer(fresh_spide
     assert run.summary["E"].iloc[0] == pytest.approx(0.03)
 
 
+V1_RUN = Path(__file__).resolve().parent / "fixtures" / "run-v1-dare"
+
+
+def test_a_run_of_the_previous_format_still_loads(tmp_path):
+    """Schema version 1 (no 'finalized' in checkpoint metadata, no process record): a
+    trimmed copy of the DARE sample run as that version wrote it."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "tiny-llava-base").symlink_to(BASE, target_is_directory=True)
+    path = tmp_path / "runs" / "dare"
+    shutil.copytree(V1_RUN, path)
+    assert json.loads((path / "run.json").read_text()).get("schema_version") == 1
+    run = load_run(path)
+    assert run.status == "done" and run.steps == [75, 150]
+    assert [RunDir(path).checkpoint_meta(s).finalized for s in run.steps] == [False, True]
+    bias = "model.multi_modal_projector.linear_2.bias"
+    assert run.params(150) == ["model.multi_modal_projector.linear_1.bias", bias]
+    assert torch.equal(run.tensor(75, bias, "mask"), torch.ones(160))  # before finalize
+    kept = raw_tensor(path / "checkpoints" / "step-000150" / "method.safetensors",
+                      f"kept/{bias}")
+    assert torch.equal(run.tensor(150, bias, "mask"), kept.float())  # after it
+    assert 0 < float(kept.float().mean()) < 0.5
+    assert set(run.layers["param"]) == set(run.params(150)) and not run.metrics.empty
+    listed = list_runs(tmp_path / "runs")
+    assert listed["ok"].all() and listed["status"].tolist() == ["done"]
+
+
+def _methods():
+    from spider.methods import available_methods
+
+    return available_methods()
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_layers_statistics_agree_with_the_checkpoint_of_their_step(method, tmp_path):
+    """What the layers table says about a step is what that step's checkpoint holds, for
+    every method: before and after a post-hoc method's finalize (the last step)."""
+    import spider.train
+
+    out = tmp_path / "run"
+    spider.train.main(["--output-dir", str(out), "--model", str(BASE), "--method", method,
+                       "--steps", "4", "--log-every", "2", "--save-every", "2",
+                       "--eval-every", "4", "--eval-limit", "1", "--batch-size", "2",
+                       "--train-size", "8", "--train", "llm", "--train-last-layers", "1",
+                       "--device", "cpu", "--lr", "1e-2", "--warmup-steps", "0"])
+    run = load_run(out)
+    assert run.steps == [2, 4]
+    metas = {step: RunDir(out).checkpoint_meta(step) for step in run.steps}
+    assert not metas[2].finalized and metas[4].finalized
+    layers = run.layers
+    checked = 0
+    for step in run.steps:
+        rows = layers[layers["step"] == step].set_index("param")
+        assert set(rows.index) == set(run.params(step))
+        for param in run.params(step):
+            row = rows.loc[param]
+            delta = run.tensor(step, param, "delta")
+            assert row["update_norm"] == pytest.approx(float(delta.double().norm()),
+                                                       rel=1e-5, abs=1e-9), (step, param)
+            try:
+                mask = run.tensor(step, param, "mask")
+            except UserError:
+                assert np.isnan(row["mask_mean"]) or row["mask_mean"] == 1.0
+                continue
+            assert row["mask_mean"] == pytest.approx(float(mask.double().mean()), abs=1e-6), \
+                (step, param)
+            assert row["mask_density"] == pytest.approx(float((mask > 0).double().mean()),
+                                                        abs=1.5 / mask.numel()), (step, param)
+            checked += 1
+    if method not in ("full", "lora", "l2"):
+        assert checked > 0
+
+
 # --------------------------------------------------------------------------------------------
 # list_runs
 # --------------------------------------------------------------------------------------------
@@ -392,6 +512,7 @@ def test_list_runs_over_the_samples():
     listed = list_runs(SAMPLES.parent)
     assert tuple(listed.columns) == LIST_COLUMNS
     assert sorted(listed["name"]) == sorted(SAMPLE_RUNS)
+    assert set(CORE_SAMPLE_RUNS) <= set(SAMPLE_RUNS)
     assert listed["ok"].all() and (listed["problem"] == "").all()
     assert (listed["steps"] == 150).all() and (listed["checkpoints"] == 2).all()
     for row in listed.itertuples():
@@ -432,6 +553,27 @@ def test_list_runs_flags_damaged_runs_and_never_raises(tmp_path):
     assert listed.loc["truncated", "method"] == "l2" and listed.loc["truncated", "checkpoints"] == 2
     assert math.isnan(listed.loc["bad_json", "U"]) and listed.loc["good", "U"] > 0.5
     assert listed.loc["no_base", "U"] == pytest.approx(0.6401627756671745)
+
+
+def test_a_run_whose_process_is_gone_is_listed_as_stopped_unexpectedly(tmp_path):
+    import subprocess
+    import sys
+
+    from spider.rundir import STOPPED_UNEXPECTEDLY, process_record
+
+    path = copy_run(tmp_path, "spider")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = process_record(child.pid)
+    child.wait()
+    info = json.loads((path / "run.json").read_text())
+    info.update(status="running", **record)
+    (path / "run.json").write_text(json.dumps(info))
+    assert load_run(path).status == STOPPED_UNEXPECTEDLY
+    row = list_runs(tmp_path / "runs").set_index("name").loc["spider"]
+    assert row["status"] == STOPPED_UNEXPECTEDLY and row["ok"]
+    info.update(process_record())  # this process: alive
+    (path / "run.json").write_text(json.dumps(info))
+    assert load_run(path).status == "running"
 
 
 def test_list_runs_of_a_missing_root_names_it(tmp_path):

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from ties import TieFlips, spider_tie_flips
 
 from spider.methods.spider import SpiderOptions, keep_weight
 from spider.train import DEFAULT_MODEL
-from ties import TieFlips, spider_tie_flips
 
 STEPS = 4
 # a checkpoint every step: SPIDER's masks are compared at the step where they first differ

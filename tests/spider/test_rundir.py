@@ -1,18 +1,31 @@
 """The run directory's whole-file writes, event log and checkpoint folders."""
 
 import json
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from spider import rundir
 from spider.errors import UserError
 from spider.rundir import (
+    STOPPED_UNEXPECTEDLY,
+    EvalEvent,
     RunDir,
+    RunInfoWriter,
+    StatisticsRow,
+    TrainEvent,
     atomic_write_json,
     checkpoint_meta,
     checkpoint_run,
+    effective_status,
     is_checkpoint,
+    process_record,
     read_group,
+    read_progress,
 )
 
 
@@ -20,7 +33,7 @@ def test_run_file_round_trips_with_schema_version(tmp_path):
     run = RunDir(tmp_path / "run")
     run.write_run({"status": "running", "method": "spider"})
     info = run.read_run()
-    assert info == {"schema_version": 1, "status": "running", "method": "spider"}
+    assert info == {"schema_version": 2, "status": "running", "method": "spider"}
     assert [p.name for p in run.path.iterdir()] == ["run.json"]  # no temporary left behind
 
 
@@ -78,3 +91,118 @@ def test_damaged_checkpoint_file_is_named(tmp_path):
         read_group(path, "weights")
     with pytest.raises(UserError, match=r"method.safetensors does not exist"):
         read_group(path, "method")
+
+
+# ------------------------------------------------------------------------- lifecycle
+def _running(**process) -> dict:
+    return {"status": "running", **process}
+
+
+def test_a_live_process_is_running_and_a_gone_one_stopped_unexpectedly():
+    assert effective_status(_running(**process_record())) == "running"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = process_record(child.pid)  # while it lives
+    child.wait()
+    assert record["pid_start_time"] is not None
+    assert effective_status(_running(**record)) == STOPPED_UNEXPECTEDLY
+    for ended in ("done", "failed", "cancelled"):  # only a run that says running is checked
+        assert effective_status({**record, "status": ended}) == ended
+
+
+def test_a_reused_pid_is_told_apart_by_its_start_time():
+    # this very process stands in for the one that took over the pid of a dead run
+    record = process_record()
+    reused = {**record, "pid_start_time": record["pid_start_time"] - 1}
+    assert effective_status(_running(**reused)) == STOPPED_UNEXPECTEDLY
+
+
+def test_another_host_is_judged_by_its_heartbeat():
+    other = {"pid": 1, "pid_start_time": 1, "hostname": socket.gethostname() + "-other",
+             "heartbeat_interval_s": 10.0}
+    now = time.time()
+    fresh = _running(**other, heartbeat=now - 30)
+    stale = _running(**other, heartbeat=now - 10.0 * rundir.HEARTBEAT_STALE_INTERVALS - 1)
+    assert effective_status(fresh, now=now) == "running"
+    assert effective_status(stale, now=now) == STOPPED_UNEXPECTEDLY
+    assert effective_status(_running(**other), now=now) == "running"  # nothing to judge by
+
+
+def test_the_heartbeat_thread_keeps_run_json_fresh_and_readable(tmp_path):
+    run = RunDir(tmp_path / "run")
+    writer = RunInfoWriter(run, {"status": "running", **process_record(),
+                                 "progress": {"step": 0, "steps": 10}}, interval=0.02)
+    writer.update()
+    first = run.read_run()["heartbeat"]
+    with writer.heartbeat():
+        deadline = time.time() + 30
+        beats = set()
+        while len(beats) < 3 and time.time() < deadline:
+            beats.add(run.read_run()["heartbeat"])  # never a torn file
+            time.sleep(0.005)
+        writer.update_progress(step=4, evaluating=True, eval_step=4)
+    assert len(beats) >= 3 and min(beats) >= first
+    assert writer._thread is None  # stopped on leaving
+    progress = read_progress(run)
+    assert (progress.status, progress.step, progress.steps, progress.evaluating,
+            progress.eval_step) == ("running", 4, 10, True, 4)
+    assert 0 <= progress.heartbeat_age_s < 30
+
+
+def test_typed_records_write_the_documented_columns(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_events([TrainEvent(1, 2.0, 1e-3, 0.5, 0.1), EvalEvent(0, "upstream", "score",
+                                                                      0.9, 8)])
+    assert run.read_events() == [
+        {"event": "train", "step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "seconds": 0.1},
+        {"event": "eval", "step": 0, "split": "upstream", "metric": "score", "value": 0.9,
+         "n": 8}]
+    run.append_layers([StatisticsRow(2, "a.weight", 6, {"mask_mean": 0.5}, 3.0, 6.0)])
+    row = run.read_layers()[0]
+    assert tuple(row) == rundir.STATISTICS_COLUMNS
+    assert row["update_rel_norm"] == 0.5 and row["mask_mean"] == 0.5
+    assert row["mask_density"] != row["mask_density"]  # NaN: not reported by the method
+
+
+def test_a_run_that_never_trained_may_be_started_again_in_place(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.write_run({"status": "failed", "progress": {"step": 0}})
+    run.append_events([EvalEvent(0, "upstream", "score", 1.0)])
+    assert run.never_trained()
+    run.append_events([TrainEvent(1, 2.0, 1e-3, 0.5, 0.1)])
+    assert not run.never_trained()  # it trained: keep it
+    run.clear()
+    assert list(run.path.iterdir()) == []
+    (run.path / "notes.txt").write_text("mine")
+    run.write_run({"status": "failed", "progress": {"step": 0}})
+    assert not run.never_trained()  # a folder holding other things is never cleared
+
+
+def test_version_1_checkpoints_still_read(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.write_run({"config": {"steps": 10}})
+    for step in (5, 10):
+        run.write_checkpoint(step, {"weights": {"w": torch.ones(2)}}, {})
+        meta = run.checkpoint_dir(step) / "meta.json"
+        old = json.loads(meta.read_text())
+        del old["schema_version"]  # as version 1 wrote it: no version, no 'finalized'
+        meta.write_text(json.dumps(old))
+    assert [run.checkpoint_meta(s).finalized for s in (5, 10)] == [False, True]
+    assert run.checkpoint_meta(5).schema_version == 1
+    run.write_analysis_checkpoint(5, {"w": torch.ones(2)}, {}, finalized=True,
+                                  method_meta={"method": "dare"})
+    assert run.checkpoint_meta(5).finalized and run.checkpoint_meta(5).schema_version == 2
+
+
+def test_a_kill_between_the_renames_of_a_resume_swap_loses_no_state(tmp_path):
+    """The resume state is replaced by renaming the old folder away and the new one in; a
+    kill between the two renames must not make ``--resume`` start again from step 0."""
+    run = RunDir(tmp_path / "run")
+    run.write_resume(2, {"weights": {"w": torch.ones(3)}}, {"note": "step 2"})
+    # the next save got as far as its first rename: the old state sits under its .old name
+    new = tmp_path / "run" / ".tmp-resume.new"
+    new.mkdir()
+    run.resume_dir.rename(rundir._previous_version(run.resume_dir))
+    assert not run.resume_dir.exists()
+    meta, groups = run.read_resume()
+    assert meta["step"] == 2 and torch.equal(groups["weights"]["w"], torch.ones(3))
+    assert run.resume_dir.is_dir()

@@ -2,7 +2,6 @@
 differences, not only excuse them."""
 
 import torch
-
 from ties import TIE_EPS, spider_tie_flips, tie_flips
 
 

@@ -1,4 +1,5 @@
-"""A tiny model, a fixed batch and the DESIGN.md §3 training loop, shared by the method tests.
+"""A tiny model, a fixed batch and the training loop of the method
+contract (ARCHITECTURE.md, "Methods"), shared by the method tests.
 
 Exposed through the ``harness`` fixture (conftest modules are not meant to be imported).
 """
@@ -70,7 +71,7 @@ class Harness:
         steps: int,
         after_step: Callable[[MethodBase], None] | None = None,
     ) -> list[float]:
-        """The DESIGN.md §3 loop; returns the data loss (without the penalty) of each step."""
+        """The method contract's loop (ARCHITECTURE.md, "Methods"); returns the data loss (without the penalty) of each step."""
         x, y = batch
         losses = []
         for _ in range(steps):

@@ -1,4 +1,5 @@
-"""One matrix over every registered method: the invariants DESIGN.md §3 promises.
+"""One matrix over every registered method: the invariants that the method
+contract promises (ARCHITECTURE.md, "Methods").
 
 Only the public contract is used (build_method, the hooks, masks(), has_masks, state_dict /
 load_state_dict, finalize, trainable_parameters, model), so a new method is checked by simply
@@ -91,7 +92,7 @@ def test_training_invariants(name, optimizer, harness):
         method, harness.make_optimizer(method, optimizer), harness.make_batch(), STEPS
     )
 
-    # per-tensor statistics come from the masks (DESIGN.md §4 "layers")
+    # per-tensor statistics come from the masks (ARCHITECTURE.md, "The run directory")
     assert set(method.statistics()) == set(method.masks())
     # (f) the loss falls on a repeated batch
     assert losses[-1] < 0.8 * losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"

@@ -61,7 +61,7 @@ def test_update_pulls_weight_back_by_hand():
 
 
 def test_about_half_get_weight_and_a_quarter_reach_one():
-    """DESIGN.md: with unrelated weights and gradients ~1/2 of w > 0 and ~1/4 reach 1."""
+    """ARCHITECTURE.md: with unrelated weights and gradients ~1/2 of w > 0 and ~1/4 reach 1."""
     gen = torch.Generator().manual_seed(0)
     w, _ = keep_weight(torch.randn(200_000, generator=gen), torch.randn(200_000, generator=gen))
     assert (w > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
