@@ -1,0 +1,173 @@
+"""SIGKILL at random moments of a tiny run, then ``--resume``, again and again.
+
+Each chain starts the tiny run of the issue (6 steps, evaluation at 0/3/6, checkpoints at
+2/4/6) and kills it with SIGKILL at a moment chosen by one of three strategies, in turn:
+
+* ``random``: a uniformly random time into the run (start-up, training, evaluation, writes);
+* ``checkpoint``: the moment a checkpoint or resume folder is being written (its temporary
+  folder has appeared);
+* ``evaluation``: a random moment while ``run.json`` says an evaluation is under way.
+
+After every kill the run directory must read back whole through the analysis layer
+(``load_run``, its frames, ``list_runs``) and every complete checkpoint, event and statistics
+row must equal the uninterrupted run's (a torn file taken as valid would differ or fail to
+read). Then the run is continued as a person would: ``--resume`` when it has a ``run.json``,
+the same command again when it has not. Each chain ends when a continuation runs to the end;
+the finished run must equal the uninterrupted one in every checkpoint tensor, event and row,
+and keep none of the temporary files or folders of the writes the kills cut short.
+Where each kill landed is read off the directory afterwards (a temporary checkpoint folder:
+inside a checkpoint write; ``evaluating`` in run.json: inside an evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+from harness import (
+    TINY,
+    Trainer,
+    children_cpu_seconds,
+    differences,
+    leftovers,
+    missing,
+    read_back,
+    record,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KILLS_PER_PART = 13  # 4 parts in CI: 52 kills
+STRATEGIES = ("random", "checkpoint", "evaluation")
+
+
+def _writing_checkpoint(path: Path, before: set[str]) -> bool:
+    """Whether a checkpoint or resume folder is being written now (a temporary folder that
+    was not there before this process started)."""
+    for folder in (path / "checkpoints", path):
+        try:
+            if any(e.name.startswith((".tmp-step-", ".tmp-resume")) and e.name not in before
+                   for e in os.scandir(folder)):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _evaluating(path: Path) -> bool:
+    try:
+        progress = json.loads((path / "run.json").read_text()).get("progress") or {}
+    except (OSError, ValueError):
+        return False
+    return bool(progress.get("evaluating"))
+
+
+def _kill_point(child: Trainer, path: Path, strategy: str, rng: random.Random,
+                duration: float, before: list[str]) -> bool:
+    """Wait for the strategy's moment and SIGKILL ``child``; False when it ended first."""
+    if strategy == "random":
+        deadline = time.monotonic() + rng.uniform(0.0, duration)
+        while time.monotonic() < deadline and child.alive():
+            time.sleep(0.01)
+    elif strategy == "checkpoint":
+        old = {Path(name).name for name in before}
+        wait_for(lambda: _writing_checkpoint(path, old) or not child.alive(), duration * 4,
+                 every=0.001)
+    else:
+        if wait_for(lambda: _evaluating(path) or not child.alive(), duration * 4, every=0.002):
+            time.sleep(rng.uniform(0.0, 0.3))
+    return child.kill()
+
+
+def _landed(path: Path, output: str, before: list[str]) -> str:
+    """Where the kill landed, read off what the process left (``before``: temporary entries
+    that earlier kills left)."""
+    names = set(leftovers(path)) - set(before)
+    if any(".tmp-step-" in n or ".tmp-resume" in n for n in names):
+        return "inside a checkpoint write"
+    if not (path / "run.json").exists():
+        return "start-up (before run.json)"
+    if _evaluating(path):
+        return "inside an evaluation"
+    if "step " not in output:
+        return "start-up / first evaluation"
+    return "between steps (training, logging)"
+
+
+@pytest.mark.parametrize("part", range(4))
+def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_end(tmp_path, reference, part):
+    ref, duration = reference
+    cpu_before, started = children_cpu_seconds(), time.monotonic()
+    rng = random.Random(1000 + part)
+    kills, chains, landed, problems, litter = 0, 0, {}, [], 0
+    while kills < KILLS_PER_PART:
+        chains += 1
+        path = tmp_path / f"chain-{chains}"
+        ended = False
+        attempt = 0
+        while not ended:
+            attempt += 1
+            resume = (path / "run.json").exists()
+            argv = ["--output-dir", str(path), *(["--resume"] if resume else TINY)]
+            log = tmp_path / f"chain-{chains}-{attempt}.log"
+            before = leftovers(path) if path.exists() else []
+            child = Trainer(argv, log)
+            if kills < KILLS_PER_PART:
+                strategy = STRATEGIES[kills % len(STRATEGIES)]
+                killed = _kill_point(child, path, strategy, rng, duration, before)
+            else:
+                killed = False
+            if killed:
+                kills += 1
+                where = _landed(path, child.output(), before)
+                landed[where] = landed.get(where, 0) + 1
+                if (path / "run.json").exists():
+                    found = read_back(path)  # raises if anything fails to read
+                    problems += [f"kill {kills} ({where}): {d}"
+                                 for d in differences(found, ref)]
+                continue
+            code = child.wait()
+            assert code == 0, f"{argv} exited {code}:\n{child.output()[-3000:]}"
+            ended = True
+        found = read_back(path)
+        assert found.status == "done", found.status
+        problems += [f"chain {chains} end: {d}" for d in differences(found, ref)]
+        problems += [f"chain {chains} end lacks {m}" for m in missing(found, ref)]
+        if found.resume_step is not None:
+            problems.append(f"chain {chains}: a finished run kept its resume state")
+        litter += len(leftovers(path))
+        problems += [f"chain {chains}: a finished run keeps {name}" for name in leftovers(path)]
+    record("SIGKILL of a training run, then --resume", "process killed", kills,
+           f"every kill read back whole; {chains} chain(s) resumed to the uninterrupted end. "
+           "Kills landed: " + ", ".join(f"{n} {w}" for w, n in sorted(landed.items())),
+           problems, data_lost=len(problems), landed=landed, chains=chains,
+           leftover_temporaries=litter,
+           cpu_s=round(children_cpu_seconds() - cpu_before, 1),
+           wall_s=round(time.monotonic() - started, 1))
+    assert not problems, problems[:20]
+
+
+def test_a_kill_during_the_first_run_json_write_does_not_strand_the_folder(tmp_path, reference):
+    """Killed while writing its very first run.json, a run leaves only that write's temporary
+    file (``.tmp-run.json.XXXX``, see spider.rundir.atomic_write_bytes): the same command
+    must start the run there again (--resume cannot: there is no run.json)."""
+    ref, _ = reference
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / ".tmp-run.json.k1ll3d").write_bytes(b'{\n  "schema_version": 2,\n  "con')
+    child = Trainer(["--output-dir", str(path), *TINY], tmp_path / "run.log")
+    code = child.wait()
+    problems = [] if code == 0 else [f"exit {code}: {child.output()[-400:]}"]
+    if not problems:
+        found = read_back(path)
+        problems += differences(found, ref) + [f"lacks {m}" for m in missing(found, ref)]
+        problems += [f"keeps {name}" for name in leftovers(path)]
+    record("a run killed while writing its first run.json, started again", "process killed",
+           1, "the same command starts it again in place and ends like an uninterrupted run",
+           problems, data_lost=0)
+    assert not problems, problems
