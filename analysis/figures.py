@@ -29,6 +29,7 @@ from plotly.subplots import make_subplots
 
 from analysis import stats
 from analysis.heatmaps import as_2d, downsample
+from spider.metrics import harmonic_mean
 
 MAX_FIGURE_BYTES = 2_000_000
 """What one figure may weigh as JSON when sent to a browser."""
@@ -171,13 +172,16 @@ def iso_h_curve(h: float, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
     return u, h * u / (2.0 * u - h)
 
 
-def tradeoff_plane(data: pd.DataFrame, h_levels: Sequence[float] = ISO_H_LEVELS) -> go.Figure:
+def tradeoff_plane(data: pd.DataFrame, h_levels: Sequence[float] = ISO_H_LEVELS,
+                   colors: Mapping[str, str] | None = None,
+                   symbols: Mapping[str, str] | None = None) -> go.Figure:
     """Upstream U (x) against downstream D (y): where each run ends, and how it got there.
 
     ``data`` is a metrics frame (each run's path over its evaluated steps, final step
     marked) or a summary frame with U and D columns (final points only). Grey dotted lines
     join points of equal H = 2UD/(U + D), the SPIDER paper's balance score: moving across
-    them is a real gain, moving along them is a trade.
+    them is a real gain, moving along them is a trade. ``colors`` / ``symbols`` map a run to
+    its colour and marker symbol (default: the method's colour, markers told apart by run).
     """
     fig = go.Figure()
     for h in h_levels:
@@ -203,15 +207,16 @@ def tradeoff_plane(data: pd.DataFrame, h_levels: Sequence[float] = ISO_H_LEVELS)
     for run in runs:
         mine = path[path["run"] == run]
         method = str(mine["method"].iloc[0])
-        color = method_color(method)
+        color = (colors or {}).get(run) or method_color(method)
         # runs of one method share its colour; their markers differ (e.g. full vs hybrid)
-        symbol = _RUN_SYMBOLS[seen_methods.get(method, 0) % len(_RUN_SYMBOLS)]
+        symbol = (symbols or {}).get(run) or _RUN_SYMBOLS[seen_methods.get(method, 0)
+                                                          % len(_RUN_SYMBOLS)]
         seen_methods[method] = seen_methods.get(method, 0) + 1
         label = f"{html.escape(str(run))} ({html.escape(method)})"
         hover = (f"<b>{label}</b><br>step %{{customdata[0]}}<br>U %{{x:.3f}}, D %{{y:.3f}}"
                  "<br>H %{customdata[1]:.3f}<extra></extra>")
         u, d = mine["U"].to_numpy(float), mine["D"].to_numpy(float)
-        h = np.where(u + d > 0, 2 * u * d / np.where(u + d > 0, u + d, 1), 0.0)
+        h = harmonic_mean(u, d)
         steps = pd.to_numeric(mine["step"], errors="coerce").to_numpy(float)
         custom = np.column_stack([steps, h])
         if len(mine) > 1:
@@ -431,8 +436,9 @@ def tensor_panels(panels: Mapping[str, object], param: str, max_cells: int | Non
             colorbar={"orientation": "h", "x": (domain[0] + domain[1]) / 2, "xanchor": "center",
                       "len": (domain[1] - domain[0]) * 0.9, "y": -0.3, "yanchor": "top",
                       "thickness": 12, "title": {"text": html.escape(name), "side": "top"}},
-            hovertemplate=(f"<b>{safe_param}</b><br>{html.escape(label)}<br>"
-                           f"rows %{{y}}, cols %{{x}}<br>{shows}: %{{z:.4g}}<extra></extra>"),
+            hovertemplate=(f"<b>{safe_param}</b><br>{html.escape(label)}<br>" + (
+                f"rows %{{y}}, cols %{{x}}<br>pooled cell ({fr}×{fc} weights), {shows}: "
+                if fr * fc > 1 else "row %{y}, col %{x}<br>value: ") + "%{z:.4g}<extra></extra>"),
         ), row=1, col=col)
         fig.update_xaxes(type="category", matches="x" if col > 1 else None, row=1, col=col,
                          title_text="column (input dim)", nticks=5)

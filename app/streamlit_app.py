@@ -1,22 +1,38 @@
-"""Spiderscope's app. The full app (launch fine-tunes, watch them live, explore checkpoints)
-arrives with the app issue; until then this page says what is here and what is coming."""
+"""Spiderscope's app: ``streamlit run app/streamlit_app.py`` (from any folder).
 
-import streamlit as st
+This entry script sets the page up, draws the shared sidebar (``app/common.py``) and hands
+over to the page chosen in the navigation. Each page is a thin script in ``app/views/``:
+widgets -> a cached call into ``analysis``/``spider`` -> a figure -> ``st.plotly_chart``.
 
-from spider.methods import available_methods, method_class
+The folder is not called ``pages``: Streamlit treats a ``pages/`` folder beside the entry
+script as its older multipage mode, and a server whose first request is a page's address
+(a bookmarked ``/compare?runs=...`` after a restart) would then run that page alone, without
+this script's navigation and sidebar.
+"""
 
-st.set_page_config(page_title="Spiderscope", layout="wide")
-st.title("Spiderscope")
-st.write(
-    "See what fine-tuning does to a multimodal LLM: which parameters SPIDER lets the "
-    "downstream task update, how much, and what it costs in pre-training ability."
-)
-st.info(
-    "Coming next: launch short fine-tunes from the browser and watch them live, then explore "
-    "the checkpoints (importance discrepancy per layer, mask density over steps, update "
-    "heatmaps, method comparisons)."
-)
-st.subheader("Methods available in the library")
-st.table(
-    [{"method": name, "what it does": method_class(name).summary} for name in available_methods()]
-)
+import sys
+from pathlib import Path
+
+# ``streamlit run`` puts only this file's folder on sys.path; the pages import the
+# ``app``, ``analysis`` and ``spider`` packages from the repository root.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+import streamlit as st  # noqa: E402
+
+from app import common  # noqa: E402
+
+st.set_page_config(page_title="Spiderscope", page_icon="🕷️", layout="wide")
+
+_PAGES = Path(__file__).resolve().parent / "views"
+page = st.navigation([
+    st.Page(_PAGES / "learn.py", title="Learn", default=True),
+    st.Page(_PAGES / "compare.py", title="Compare"),
+    st.Page(_PAGES / "layers.py", title="Layers"),
+    st.Page(_PAGES / "parameters.py", title="Parameters"),
+    st.Page(_PAGES / "train.py", title="Train"),
+])
+common.sidebar()
+common.sync_url()
+page.run()

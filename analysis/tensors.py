@@ -1,0 +1,271 @@
+"""One parameter tensor of one checkpoint, for the Parameters page.
+
+* :func:`kept_tensors` — which trainable tensors a checkpoint kept (a run may keep only some,
+  ``--save-tensors``), from ``layers.jsonl`` and the checkpoint's file header: no tensor is
+  read.
+* :func:`find_params` — search parameter names by words or a regular expression.
+* :func:`available_kinds` — what :meth:`analysis.Run.tensor` can show for a run's method
+  (SPIDER: I, G, the mask, Δ and the weight; a method with no importances: mask, Δ, weight;
+  LoRA: Δ and weight).
+* :func:`tensor_views` / :func:`tensor_statistics` — the tensors and one row of numbers each.
+* :func:`what_if_mask` — the mask of the same checkpoint state rebuilt under other SPIDER
+  options (binary mask, no normalisation), with spider's own ``keep_weight``.
+* :func:`pooled_npz` — the pooled arrays the heatmaps draw, as a ``.npz`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from analysis.heatmaps import Downsampled, downsample
+from analysis.run import TENSOR_KINDS, Run, RunReadError
+from spider.errors import UserError
+from spider.naming import parse_param_name
+from spider.rundir import WEIGHTS_GROUP, RunDir, group_file
+
+KIND_LABELS = {
+    "importance_pre": "I: pre-training importance",
+    "importance_ft": "G: fine-tuning importance",
+    "mask": "w: keep-weight (1 free, 0 pinned)",
+    "delta": "Δ = θ − θ0: update",
+    "weight": "θ: weight",
+}
+"""Plain names of :data:`analysis.run.TENSOR_KINDS`."""
+
+PANEL_KINDS = ("importance_pre", "importance_ft", "mask", "delta")
+"""The kinds the Parameters page draws side by side (those the run's method has)."""
+
+KEPT_COLUMNS = ("param", "component", "layer", "module", "numel", "shape", "kept")
+STAT_COLUMNS = ("kind", "numel", "mean", "std", "min", "max", "share_zero", "share_one")
+WHAT_IF_OPTIONS = ("mask", "normalize")
+"""SPIDER options a what-if may change: they act on the same S. ``accumulate`` cannot: a run
+accumulated only one kind of S (the sum of grad, |grad| or grad²)."""
+
+
+# --------------------------------------------------------------------------------------------
+# What a run kept, what a method has
+# --------------------------------------------------------------------------------------------
+
+
+def _saved_shapes(run: Run, step: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the checkpoint's weights file (its header only)."""
+    file = group_file(RunDir(run.path).checkpoint_dir(step), WEIGHTS_GROUP)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # safetensors raises several kinds for a damaged file
+        raise RunReadError(f"checkpoint file {file} is damaged or not safetensors "
+                           f"({str(err).splitlines()[0][:120]})") from None
+
+
+def kept_tensors(run: Run, step: int) -> pd.DataFrame:
+    """Every trainable parameter of the run, and whether checkpoint ``step`` kept its tensor.
+
+    Columns :data:`KEPT_COLUMNS`; one row per parameter named in ``layers.jsonl`` (every
+    trainable tensor; the run's statistics cover them all) or saved in the checkpoint, in
+    the checkpoint's order first. ``shape`` is the saved shape ("" when not kept).
+    """
+    if int(step) not in run.steps:
+        run.params(step)  # raises the UserError that lists the run's checkpoint steps
+    shapes = _saved_shapes(run, int(step))
+    layers = run.layers
+    trained = list(pd.unique(layers["param"])) if "param" in layers.columns else []
+    numel = (dict(zip(layers["param"], layers["numel"]))
+             if {"param", "numel"} <= set(layers.columns) else {})
+    names = list(shapes) + [p for p in trained if p not in shapes]
+    rows = []
+    for name in names:
+        parsed = parse_param_name(name)
+        shape = shapes.get(name)
+        rows.append({
+            "param": name, "component": parsed.component,
+            "layer": parsed.layer if parsed.layer is not None else pd.NA,
+            "module": parsed.module,
+            "numel": int(math.prod(shape)) if shape is not None else int(numel.get(name, 0)),
+            "shape": "×".join(map(str, shape)) if shape is not None else "",
+            "kept": shape is not None,
+        })
+    frame = pd.DataFrame.from_records(rows, columns=list(KEPT_COLUMNS))
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def available_kinds(method: str) -> tuple[str, ...]:
+    """The :data:`TENSOR_KINDS` that ``Run.tensor`` can return for a run of ``method``.
+
+    Δ and the weight exist for every method; the mask for methods that pin weights per
+    element; I and G only for methods that rank weights (SPIDER).
+    """
+    from spider.methods import MethodBase, method_class
+
+    try:
+        cls = method_class(method)
+    except ValueError:
+        return ("delta", "weight")
+    kinds = []
+    if cls.has_masks and cls.masks is not MethodBase.masks:
+        kinds.append("mask")
+    if cls.importances is not MethodBase.importances:
+        kinds[:0] = ["importance_pre", "importance_ft"]
+    return tuple(k for k in TENSOR_KINDS if k in kinds or k in ("delta", "weight"))
+
+
+def find_params(names: Sequence[str], query: str, regex: bool = False) -> list[str]:
+    """The names matching ``query``, in their order.
+
+    Words (the default): every space-separated word must occur in the name, ignoring case
+    (``"3 down"`` finds ``...layers.3.mlp.down_proj.weight``). ``regex=True``: Python's
+    ``re.search``, ignoring case; a bad pattern raises ``UserError`` naming it. An empty
+    query matches everything.
+    """
+    query = (query or "").strip()
+    if not query:
+        return list(names)
+    if regex:
+        try:
+            pattern = re.compile(query, re.IGNORECASE)
+        except re.error as err:
+            raise UserError(f"the regular expression {query!r} is not valid: {err}") from None
+        return [n for n in names if pattern.search(n)]
+    words = query.lower().split()
+    return [n for n in names if all(w in n.lower() for w in words)]
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors and their numbers
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_views(run: Run, step: int, param: str, kinds: Sequence[str] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """``{kind: tensor}`` of ``param`` at ``step``, for ``kinds`` (default: the page's panels
+    that the method has). Raises ``UserError`` for a parameter the checkpoint did not keep."""
+    if kinds is None:
+        have = available_kinds(run.method)
+        kinds = [k for k in PANEL_KINDS if k in have]
+    return {kind: run.tensor(step, param, kind) for kind in kinds}
+
+
+def tensor_statistics(views: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """One row per kind: entries, mean, standard deviation, min, max, and the shares of
+    entries exactly 0 and exactly 1 (for a mask: pinned to θ0, fully free; for Δ: unchanged).
+    Columns :data:`STAT_COLUMNS`."""
+    rows = []
+    for kind, tensor in views.items():
+        x = tensor.detach().reshape(-1).double()
+        n = x.numel()
+        rows.append({
+            "kind": kind, "numel": n,
+            "mean": float(x.mean()) if n else math.nan,
+            "std": float(x.std()) if n > 1 else math.nan,
+            "min": float(x.min()) if n else math.nan,
+            "max": float(x.max()) if n else math.nan,
+            "share_zero": float((x == 0).sum()) / n if n else math.nan,
+            "share_one": float((x == 1).sum()) / n if n else math.nan,
+        })
+    return pd.DataFrame.from_records(rows, columns=list(STAT_COLUMNS))
+
+
+# --------------------------------------------------------------------------------------------
+# What-if: the same state, another SPIDER option
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WhatIf:
+    """The mask of one tensor as trained and as another option would have made it, from the
+    same theta0 and S (what training would have done *at this step* given the same history;
+    the later history would differ, since the weights would have moved differently)."""
+
+    options: dict  # the run's SPIDER options
+    alternative: dict  # the options of the what-if
+    mask: torch.Tensor  # w as trained (rebuilt)
+    mask_alt: torch.Tensor  # w under ``alternative``
+    changed: int  # entries whose w differs
+    flipped: int  # entries that switch between pinned (w = 0) and free (w > 0)
+    numel: int
+
+    def as_row(self) -> dict[str, float]:
+        return {
+            "entries": self.numel,
+            "w changes": self.changed,
+            "share changed": self.changed / self.numel,
+            "pinned ↔ free switches": self.flipped,
+            "mean w as trained": float(self.mask.double().mean()),
+            "mean w what-if": float(self.mask_alt.double().mean()),
+            "share free as trained": float((self.mask > 0).double().mean()),
+            "share free what-if": float((self.mask_alt > 0).double().mean()),
+        }
+
+
+def what_if_mask(run: Run, step: int, param: str, **changes) -> WhatIf:
+    """Rebuild ``param``'s mask at ``step`` under the run's SPIDER options with ``changes``
+    (``mask="binary"``, ``normalize=False``...) and count the entries that change.
+
+    Both masks come from spider's own ``keep_weight`` on the checkpoint's theta0 and S; the
+    as-trained one is the same as ``run.tensor(step, param, "mask")``. Raises ``UserError``
+    for a run that is not SPIDER or an option a what-if cannot change.
+    """
+    from spider.methods.spider import SpiderOptions, keep_weight
+
+    if run.method != "spider":
+        raise UserError(f"the what-if rebuilds SPIDER masks; run {run.name} used "
+                        f"method {run.method!r}")
+    unknown = sorted(set(changes) - set(WHAT_IF_OPTIONS))
+    if unknown:
+        raise UserError(f"a what-if can change only {', '.join(WHAT_IF_OPTIONS)}; "
+                        f"got {unknown[0]!r} (S was accumulated one way only)")
+    method = run.method_at(step, param)
+    now = method.options
+    try:
+        alt = dataclasses.replace(now, **changes)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    assert isinstance(alt, SpiderOptions)
+    theta0, grad_sum = method.theta0[param], method.grad_sum[param]
+    w_now, _ = keep_weight(theta0, grad_sum, now)
+    w_alt, _ = keep_weight(theta0, grad_sum, alt)
+    return WhatIf(
+        options=dataclasses.asdict(now), alternative=dataclasses.asdict(alt),
+        mask=w_now, mask_alt=w_alt,
+        changed=int(torch.count_nonzero(w_now != w_alt)),
+        flipped=int(torch.count_nonzero((w_now > 0) != (w_alt > 0))),
+        numel=w_now.numel(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Download
+# --------------------------------------------------------------------------------------------
+
+
+def pooled_views(views: Mapping[str, torch.Tensor], max_cells: int) -> dict[str, Downsampled]:
+    """Each view pooled as the heatmaps pool it: block mean for masks and importances,
+    largest |x| (with sign) for Δ and weights."""
+    return {kind: downsample(t, max_cells=max_cells,
+                             reduce="maxabs" if kind in ("delta", "weight") else "mean")
+            for kind, t in views.items()}
+
+
+def pooled_npz(pooled: Mapping[str, Downsampled], param: str, step: int) -> bytes:
+    """A ``.npz`` (numpy's zip of arrays; no pickle) with, per kind, ``KIND`` (the pooled
+    float32 cells), ``KIND_row_edges`` and ``KIND_col_edges`` (cell ``(i, j)`` covers rows
+    ``row_edges[i]:row_edges[i+1]``), and ``param``, ``step``, ``reduce`` as strings."""
+    arrays: dict[str, np.ndarray] = {"param": np.array(param), "step": np.array(int(step))}
+    for kind, cell in pooled.items():
+        arrays[kind] = cell.values
+        arrays[f"{kind}_row_edges"] = cell.row_edges
+        arrays[f"{kind}_col_edges"] = cell.col_edges
+        arrays[f"{kind}_reduce"] = np.array(cell.reduce)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()

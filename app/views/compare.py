@@ -1,0 +1,233 @@
+"""Compare: runs side by side — how much each kept (upstream) and learned (downstream).
+
+Thin page: the runs table comes from ``app.common.list_all_runs`` (no tensors read), the
+curves and cells from ``analysis.explore``, the figures from ``analysis.explore_figures`` and
+``analysis.figures.tradeoff_plane``.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis import explore, report
+from analysis import explore_figures as xfig
+from analysis import figures as afig
+from app import common
+
+# First visit: these sample runs are chosen (SPIDER against the baselines that tell most);
+# the others are a click away in the table and the chooser.
+_FIRST_CHOICE = ("spider", "full", "hybrid", "magnitude_mask", "lora", "wise_ft")
+# scores right after the run's name and status, so that they are in view on a laptop screen
+_TABLE_COLUMNS = {
+    "id": "run", "method": "method", "status": "status", "U": "U", "D": "D", "H": "H",
+    "E": "E", "F": "F", "O": "O", "steps": "steps", "options": "options", "data": "data",
+}
+
+st.title("Compare runs")
+st.caption(
+    "Each run fine-tuned the same small model on a new task (downstream) and was scored "
+    "along the way on what it knew before (upstream). Good methods learn the task without "
+    "forgetting: **U stays high while D rises**."
+)
+
+runs = common.list_all_runs()
+if runs.empty:
+    st.info(f"No runs found. Bundled samples live in `{common.bundled_runs_root()}`; your "
+            f"own go to `{common.user_runs_root()}` (Train page, or `python -m spider.train`).")
+    st.stop()
+
+label_of = dict(zip(runs["path"], runs["id"]))
+method_of = dict(zip(runs["path"], runs["method"]))
+# Colours in a fixed order of all runs (the first-choice samples, the other samples, then the
+# user's runs by name), so that a run keeps its colour whatever is chosen.
+_rank = {name: i for i, name in enumerate(_FIRST_CHOICE)}
+colors = xfig.run_colors(sorted(
+    runs["id"], key=lambda rid: (not rid.startswith(common.SAMPLES_PREFIX),
+                                 _rank.get(rid.removeprefix(common.SAMPLES_PREFIX), 99), rid)))
+
+
+def _default_selection() -> list[str]:
+    """First visit: the sample runs of :data:`_FIRST_CHOICE` that are results."""
+    samples = common.result_runs(runs[runs["root"] == "samples"])
+    by_name = dict(zip(samples["name"], samples["path"]))
+    return [by_name[n] for n in _FIRST_CHOICE if n in by_name]
+
+
+selected = common.selected_runs(runs, default=_default_selection())
+
+# ----------------------------------------------------------------------------- choose runs
+_PICK_KEY = "compare_pick"
+if _PICK_KEY not in st.session_state or st.session_state[_PICK_KEY] != selected:
+    # the widget's state is dropped when another page is shown: start from the selection
+    st.session_state[_PICK_KEY] = selected
+
+
+def _on_pick() -> None:
+    common.set_selected_runs(st.session_state[_PICK_KEY], runs)
+
+
+st.multiselect(
+    "Runs to compare", options=runs["path"].tolist(), key=_PICK_KEY, on_change=_on_pick,
+    format_func=lambda p: f"{label_of[p]} ({method_of[p]})",
+    help="The choice carries to the other pages and sits in the page address, so a link "
+         "or a reload keeps it.",
+)
+include_bad = st.checkbox(
+    "Also chart failed, cancelled, damaged and stopped runs", value=False,
+    help="They are listed in the table either way; by default their partial results stay "
+         "out of the charts.",
+)
+chosen = runs[runs["path"].isin(st.session_state[_PICK_KEY])]
+chosen = chosen.set_index("path").loc[st.session_state[_PICK_KEY]].reset_index()
+charted = common.result_runs(chosen, include_bad)
+charted = charted[charted["status"] != "damaged"]  # unreadable either way
+left_out = chosen[~chosen["path"].isin(charted["path"])]
+
+# ----------------------------------------------------------------------------- the table
+st.subheader("Runs")
+order = {path: i for i, path in enumerate(chosen["path"])}  # chosen first, as chosen
+table = runs.assign(_order=[order.get(p, len(order) + i) for i, p in enumerate(runs["path"])])
+table = table.sort_values("_order")
+shown_table = table[list(_TABLE_COLUMNS)].rename(columns=_TABLE_COLUMNS)
+st.dataframe(
+    shown_table.style.map(common.status_style, subset=["status"]),
+    hide_index=True, width="stretch",
+    column_config={
+        "run": st.column_config.TextColumn(width="medium"),
+        "options": st.column_config.TextColumn(width="small"),
+        "data": st.column_config.TextColumn(width="medium"),
+        "steps": st.column_config.NumberColumn(help="training steps done", width="small"),
+        **{k: st.column_config.NumberColumn(format="%.3f", width="small") for k in "UDHEFO"},
+    },
+)
+st.caption(
+    "**U** upstream score (pre-training ability kept, 0–1) · **D** downstream score (the "
+    "task, 0–1) · **H** = 2UD/(U+D), high only when both are · **E** = D − D at step 0 "
+    "(task gained) · **F** = U − U at step 0 (negative = forgotten) · **O** = E + F. "
+    "Scores at each run's last evaluation. Chosen runs are listed first."
+)
+problems = runs[(runs["status"] == "damaged") & (runs["problem"] != "")]
+for _, row in problems.iterrows():
+    st.warning(f"{row['id']} cannot be read: {row['problem']}")
+if not left_out.empty:
+    st.info("Not charted (" + ", ".join(f"{r.id}: {r.status}" for r in left_out.itertuples())
+            + "). Tick the box above to chart them.")
+if charted.empty:
+    st.info("Choose at least one finished or running run above to see charts.")
+    st.stop()
+
+paths = charted["path"].tolist()
+labels = [label_of[p] for p in paths]
+# what the charts depend on: each run's files (signature), its label and colour
+key = tuple((p, common.run_signature(p), label_of[p], colors[label_of[p]]) for p in paths)
+
+
+def _frames(key: tuple, what: str):
+    return common.runs_frame([k[0] for k in key], what, [k[2] for k in key])
+
+
+# Figures are cached whole (building a plotly figure costs a tenth of a second or more):
+# a rerun that changes nothing they show reuses them.
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _curves_figure(key: tuple, x: str, smoothing: float, log_y: bool):
+    metrics, train = _frames(key, "metrics"), _frames(key, "train")
+    if metrics.empty:
+        return None
+    curves = explore.smooth_frame(explore.score_curves_frame(metrics, train), "score",
+                                  smoothing, by=("run", "split"))
+    return xfig.compare_score_curves(curves, {k[2]: k[3] for k in key}, x=x, log_y=log_y)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _loss_figure(key: tuple, x: str, smoothing: float, log_y: bool):
+    train = _frames(key, "train")
+    if train.empty:
+        return None
+    loss = explore.smooth_frame(explore.loss_curves_frame(train), "loss", smoothing,
+                                by=("run",))
+    return xfig.compare_loss_curves(loss, {k[2]: k[3] for k in key}, x=x, log_y=log_y)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _tradeoff_figure(key: tuple, methods: tuple):
+    metrics = _frames(key, "metrics")
+    if metrics.empty:
+        return None
+    symbols = {k[2]: xfig.method_symbol(m) for k, m in zip(key, methods)}
+    return afig.tradeoff_plane(metrics, colors={k[2]: k[3] for k in key}, symbols=symbols)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _cells(key: tuple):
+    """(cells table, {"score": figure, "change": figure}) or (empty table, None)."""
+    metrics = _frames(key, "metrics")
+    cells = explore.cells_long(metrics) if not metrics.empty else pd.DataFrame()
+    if cells.empty:
+        return cells, None
+    return cells, {v: xfig.cells_heatmap(cells, v) for v in ("score", "change")}
+
+
+# ----------------------------------------------------------------------------- curves
+st.subheader("Over training")
+c1, c2, c3 = st.columns([1.2, 2, 1])
+x_axis = c1.radio("x axis", ["step", "training time"], horizontal=True,
+                  help="Training time adds up the steps' own times (evaluations excluded).")
+smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.0, 0.05,
+                      help="Exponential moving average: 0 = raw values, 0.9 ≈ the last 10 "
+                           "points.")
+log_y = c3.toggle("Log scale (y)", value=False)
+x = "step" if x_axis == "step" else "time_s"
+
+figure = _curves_figure(key, x, smoothing, log_y)
+if figure is None:
+    st.info("The chosen runs have no evaluation scores yet.")
+else:
+    st.plotly_chart(figure)
+loss_figure = _loss_figure(key, x, smoothing, log_y)
+if loss_figure is not None:
+    with st.expander("Training loss", expanded=False):
+        st.plotly_chart(loss_figure)
+
+# ----------------------------------------------------------------------------- trade-off
+tradeoff = _tradeoff_figure(key, tuple(method_of[p] for p in paths))
+if tradeoff is not None:
+    st.subheader("Trade-off: kept vs learned")
+    st.caption("Each run's path from the base model (step 0) to its last evaluation. Up and "
+               "to the right is better; crossing the dotted lines of equal H is a real gain, "
+               "moving along one is a trade.")
+    st.plotly_chart(tradeoff)
+
+# ----------------------------------------------------------------------------- 2x2 cells
+st.subheader("2×2 generalisation cells")
+cells, cell_figures = _cells(key)
+if cell_figures is None:
+    st.info("None of the charted runs scored the 2×2 cells.")
+else:
+    st.markdown("\n".join(
+        f"- **{name}** (`{cell}`): {meaning}"
+        for cell, (name, meaning) in explore.CELL_MEANINGS.items()))
+    if (cells["source"] == "downstream").any():
+        st.caption("`idimg-idq` is the downstream test split itself, so its score is the "
+                   "run's downstream score D (not evaluated twice).")
+    shown = st.radio("Show", ["score", "change since the base model"], horizontal=True,
+                     key="compare_cells_value")
+    st.plotly_chart(cell_figures["score" if shown == "score" else "change"])
+
+# ----------------------------------------------------------------------------- downloads
+st.subheader("Download")
+runs_csv = chosen[["id", "method", "options", "data", "status", "steps", "U", "D", "H", "E",
+                   "F", "O", "path"]].rename(columns={"id": "run"})
+d1, d2, d3 = st.columns(3)
+d1.download_button("Runs table (CSV)", runs_csv.to_csv(index=False), "runs.csv", "text/csv")
+if not cells.empty:
+    d2.download_button("2×2 cells (CSV)", cells.to_csv(index=False), "cells.csv", "text/csv")
+
+
+def _report_html() -> str:
+    return report.render_report(paths, title="Spiderscope: " + ", ".join(labels))
+
+
+d3.download_button("HTML report (opens offline)", _report_html, "spiderscope-report.html",
+                   "text/html", help="Tables, score curves, trade-off plane and mask heatmaps "
+                   "of the charted runs in one self-contained file (about 5 MB).")

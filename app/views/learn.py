@@ -1,0 +1,215 @@
+"""Learn: what forgetting is, what SPIDER does, and the rule worked through on one small
+tensor by the very code that trains the real model (``analysis.worked_example``)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.learn_figures import Panel, example_history, matrix_grid, tie_scatter
+from analysis.worked_example import (
+    TIE_ULPS,
+    ExampleSettings,
+    example_summary,
+    near_tie,
+    run_worked_example,
+)
+from app import common
+
+MARKED = 3  # entries outlined as "closest to the tie"
+LEARNING_RATES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
+ACCUMULATE = {
+    "signed": "gradient (the paper)",
+    "abs": "|gradient| (ablation)",
+    "fisher": "gradient² — Fisher (ablation)",
+}
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _example(settings: ExampleSettings):
+    return run_worked_example(settings)
+
+
+st.title("Learn: what SPIDER does")
+
+# ------------------------------------------------------------------------------ in plain words
+left, right = st.columns([1, 1], gap="large")
+with left:
+    st.markdown(
+        "**Forgetting.** A multimodal model is first *pre-trained* on a broad mix of tasks "
+        "(here: describing pictures, reading digits, naming colours and shapes). "
+        "*Fine-tuning* it on one new task (here: counting triangles) moves its weights "
+        "toward that task — and away from what pre-training put there. It gets better at the "
+        "new task and worse at the old ones. That loss is **forgetting**.\n\n"
+        "**SPIDER** asks, for every single weight, two questions: *how much did pre-training "
+        "rely on it?* — **I**, from the size of the pre-trained weight θ0 — and *how much "
+        "does the new task want it?* — **G**, from the gradients summed over fine-tuning. "
+        "Both are ranks between 0 and 1 within the weight's own tensor, so they can be "
+        "compared. Where the task wins (G > I) the weight may move, by a keep-weight **w**; "
+        "elsewhere it is put back to θ0 after every step."
+    )
+with right:
+    st.markdown("**The rule**, for each weight tensor, after every optimizer step:")
+    st.latex(r"I=\operatorname{rank}(\theta_0),\qquad G=\operatorname{rank}(S),\qquad "
+             r"S=\textstyle\sum_{t} g_t")
+    st.latex(r"\operatorname{rank}(x)=\sigma\!\left(\frac{|x|-\operatorname{mean}|x|}"
+             r"{\operatorname{std}|x|}\right)")
+    st.latex(r"w=\begin{cases}\dfrac{G}{I+G} & \text{if } G>I\\[4pt] 0 & \text{otherwise}"
+             r"\end{cases}")
+    st.latex(r"w\leftarrow\min\!\Big(\frac{w}{\operatorname{mean}(w>0)},\;1\Big)")
+    st.latex(r"\theta \leftarrow \theta_0\,(1-w) + \theta\,w")
+    st.caption("σ is the logistic sigmoid; g_t the gradient of step t. w = 0: the weight is "
+               "pinned to θ0; w = 1: it moves freely.")
+
+# ------------------------------------------------------------------------------ the example
+st.header("Try it on one small weight tensor")
+st.markdown(
+    "Below, a 6 × 8 weight tensor θ0 is fine-tuned on a toy task that pulls every weight "
+    "toward a target (with gradient noise, as mini-batches give). Each step is a real "
+    "backward pass and a real `torch.optim.SGD` step followed by SPIDER's own code "
+    "(`build_method(\"spider\", …)`, the function that trains the real model). "
+    "Move the sliders and watch the mask **w** change."
+)
+
+if "learn_seed" not in st.session_state:
+    st.session_state["learn_seed"] = 0
+
+with st.container(border=True):
+    c1, c2, c3, c4 = st.columns([3, 3, 3, 2])
+    steps = c1.slider("Steps of fine-tuning", 1, 40, 10, key="learn_steps",
+                      help="How many optimizer steps have been taken; the pictures show the "
+                           "state after the last one.")
+    lr = c2.select_slider("Learning rate", LEARNING_RATES, value=0.2, key="learn_lr",
+                          help="SGD step size: how far each step moves the weights.")
+    noise = c3.slider("Gradient noise", 0.0, 3.0, 1.0, 0.1, key="learn_noise",
+                      help="Random noise added to every step's gradient, in units of the "
+                           "task's typical gradient. 0: a perfectly clean task.")
+    with c4:
+        st.write("")
+        if st.button("Re-seed", key="learn_reseed",
+                     help="Draw a new θ0, a new task target and new noise."):
+            st.session_state["learn_seed"] += 1
+        st.caption(f"seed {st.session_state['learn_seed']}")
+    t1, t2, t3 = st.columns([2, 2, 4])
+    binary = t1.toggle("Binary mask", key="learn_binary",
+                       help="Ablation: w = 1 wherever G > I (instead of G / (I + G)).")
+    no_norm = t2.toggle("No normalisation", key="learn_no_norm",
+                        help="Ablation: keep the raw w = G / (I + G) instead of dividing by "
+                             "the mean of the non-zero entries (and capping at 1).")
+    accumulate = t3.radio("S accumulates the", list(ACCUMULATE), format_func=ACCUMULATE.get,
+                          horizontal=True, key="learn_accumulate",
+                          help="What SPIDER sums over the steps to rank the task's "
+                               "importance G.")
+
+settings = ExampleSettings(
+    steps=int(steps), lr=float(lr), noise=float(noise), seed=int(st.session_state["learn_seed"]),
+    mask="binary" if binary else "weighted", normalize=not no_norm, accumulate=accumulate,
+)
+example = _example(settings)
+last = example.last
+summary = example_summary(last)
+n = last.mask.size
+old_loss = example.history.set_index(["step", "method"])["upstream_loss"]
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Free to move (w > 0)", f"{round(summary['free_share'] * n)} of {n}",
+          help="Weights where the task's importance G beats pre-training's I.")
+m2.metric("Pinned to θ0 (w = 0)", f"{round(summary['pinned_share'] * n)} of {n}")
+m3.metric("Mean keep-weight w", f"{summary['mask_mean']:.3f}",
+          help="1 would be plain fine-tuning; 0 would keep the pre-trained tensor.")
+m4.metric("Forgetting: SPIDER vs plain",
+          f"{old_loss[(steps, 'spider')]:.3f} vs {old_loss[(steps, 'full')]:.3f}",
+          help="The toy's old-task loss after these steps (see ③), with SPIDER and with "
+               "plain fine-tuning on the same task and noise. Lower is better.")
+
+tie = near_tie(last, n=MARKED)
+marked = list(zip(tie["row"].tolist(), tie["col"].tolist()))
+st.subheader(f"① Compare I and G, weight by weight → the mask w (after step {steps})")
+st.caption("Each square is one weight: its row and column in the tensor. Dark = low, "
+           "bright = high. Where G is brighter than I, w is blue (free); where it is not, "
+           "w is white (0: pinned to θ0). Orange outlines: the weights closest to the tie "
+           "I = G (see the end of the page).")
+st.plotly_chart(matrix_grid(
+    [[Panel("θ0: pre-trained weights", example.theta0, "signed", "theta0"),
+      Panel("S: summed gradients so far", last.grad_sum, "signed", "s"), None],
+     [Panel("I = rank(θ0)", last.importance_pre, "importance"),
+      Panel("G = rank(S)", last.importance_ft, "importance"),
+      Panel("w: keep-weight", last.mask, "mask")]],
+    marked=marked, marked_label="closest to I = G",
+), key="learn_rule", width="stretch")
+
+st.subheader("② The merge: SPIDER keeps w × the optimizer's step")
+st.caption("Left: where the last SGD step put each weight, measured from θ0. Middle: what "
+           "SPIDER keeps of it, θ − θ0 = w × (θ_sgd − θ0): 0.00 where w = 0. Right: plain "
+           "fine-tuning on the same task moves every weight. Red = up, blue = down, "
+           "white = unchanged.")
+st.plotly_chart(matrix_grid(
+    [[Panel("proposed by SGD: θ_sgd − θ0", last.proposed - example.theta0, "signed", "d"),
+      Panel("kept by SPIDER: θ − θ0", last.merged - example.theta0, "signed", "d"),
+      Panel("plain fine-tuning: θ − θ0", last.full - example.theta0, "signed", "d")]],
+), key="learn_merge", width="stretch")
+
+st.subheader("③ Step by step")
+st.caption("Red: SPIDER; blue: plain fine-tuning, on the same task and noise. This toy has "
+           "no real old tasks; it stands in for them with a loss that charges each weight's "
+           "change by the size of its pre-trained value, Σ|θ0|(θ − θ0)² / Σ|θ0| — SPIDER's "
+           "own premise (I ranks |θ0|). The sample runs below measure real old-task scores.")
+st.plotly_chart(example_history(example.history, current_step=steps), key="learn_history",
+                width="stretch")
+
+# ------------------------------------------------------------------------------ careful reader
+st.header("For the careful reader: the mask jumps at I = G")
+a, b = st.columns([3, 2], gap="large")
+with a:
+    st.plotly_chart(tie_scatter(last.importance_pre, last.importance_ft, last.mask,
+                                marked=marked), key="learn_tie", width="stretch")
+with b:
+    st.markdown(
+        "Each dot is one weight of the example. Left of the dashed line (G ≤ I) it is pinned, "
+        "w = 0; just right of it, w jumps to G/(I+G) ≈ ½, near 1 after normalisation. "
+        "There is no in-between: a weight whose G and I agree to "
+        "the last bit can land on either side in two correct programs, on another number "
+        "of threads or processes, or on other hardware — and from then on the runs drift "
+        "apart. Compare runs by their results, never bit for bit."
+    )
+    shown = tie.assign(**{"G − I": tie["gap"], "ulps": tie["ulps"].round()})
+    st.dataframe(shown[["row", "col", "G − I", "ulps", "w"]], hide_index=True, width="stretch",
+                 column_config={"G − I": st.column_config.NumberColumn(format="%.2e"),
+                                "ulps": st.column_config.NumberColumn(
+                                    format="%d", help="float32 rounding steps between G and I"),
+                                "w": st.column_config.NumberColumn(format="%.3f")})
+    at_tie = int((tie["ulps"] <= TIE_ULPS).sum())
+    st.caption(
+        f"The {MARKED} weights of this example closest to the tie (orange outlines above); "
+        "ulps: how many float32 rounding steps G is from I. "
+        + (f"{at_tie} of them are within {TIE_ULPS} float32 rounding steps of it: float "
+           "rounding alone decides their side." if at_tie else
+           f"None is within {TIE_ULPS} float32 rounding steps here; in a tensor of millions "
+           "of weights some always are.")
+    )
+
+# ------------------------------------------------------------------------------ start here
+st.header("Start here: the sample runs")
+st.markdown(
+    "The app ships short fine-tunes of a tiny LLaVA (2 M parameters) on the counting task, "
+    "one per method, 150 steps each. Three places to look first:"
+)
+_SAMPLES = common.bundled_runs_root()
+links = [
+    ("views/compare.py", "Compare", ["samples/spider", "samples/full"], {},
+     "Did SPIDER forget less than plain fine-tuning? Old-task and new-task scores side by "
+     "side."),
+    ("views/layers.py", "Layers", ["samples/spider", "samples/full"], {},
+     "Which layers did SPIDER let the task change, and how much?"),
+    ("views/parameters.py", "Parameters", ["samples/spider"],
+     {"param": "model.language_model.layers.3.mlp.down_proj.weight"},
+     "I, G, the mask w and the update Δ of one real weight matrix of the tiny LLaVA."),
+]
+cols = st.columns(len(links))
+for col, (page, label, runs, extra, what) in zip(cols, links):
+    present = [r for r in runs if (_SAMPLES / r.split("/", 1)[1] / "run.json").exists()]
+    with col.container(border=True):
+        st.page_link(page, label=label, icon=":material/arrow_forward:",
+                     query_params={common.QUERY_KEY: present, **extra},
+                     disabled=not present)
+        st.markdown(what)
+        st.caption("runs: " + ", ".join(present) if present else "sample runs not found")

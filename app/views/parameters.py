@@ -1,0 +1,320 @@
+"""Parameters: one weight tensor of one checkpoint up close — I, G, the mask w and the update
+Δ side by side, histograms, statistics, a what-if under another SPIDER option, downloads.
+
+Thin: widgets -> cached calls into ``analysis.tensors`` -> figures -> ``st.plotly_chart``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import figures, stats
+from analysis.tensor_figures import mask_change, value_histograms
+from analysis.tensors import (
+    KIND_LABELS,
+    PANEL_KINDS,
+    available_kinds,
+    find_params,
+    kept_tensors,
+    pooled_npz,
+    pooled_views,
+    tensor_statistics,
+    tensor_views,
+    what_if_mask,
+)
+from app import common
+from spider.errors import UserError
+
+PARAM_QUERY = "param"
+DEFAULT_PARAM = "model.language_model.layers.3.mlp.down_proj.weight"
+_KIND_WORDS = {
+    "importance_pre": "I (pre-training importance)",
+    "importance_ft": "G (fine-tuning importance)",
+    "mask": "the mask w",
+    "delta": "the update Δ",
+    "weight": "the weight θ",
+}
+
+
+# ------------------------------------------------------------------------------ cached reads
+@st.cache_data(show_spinner=False, max_entries=64)
+def _kept(path: str, signature: tuple, step: int) -> pd.DataFrame:
+    del signature  # cache key only
+    return kept_tensors(common.load_run_cached(path), step)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _views(path: str, signature: tuple, step: int, param: str) -> dict[str, np.ndarray]:
+    del signature
+    views = tensor_views(common.load_run_cached(path), step, param)
+    return {kind: t.numpy() for kind, t in views.items()}
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _figures(path: str, signature: tuple, step: int, param: str):
+    """(heatmaps, histograms, statistics, pooled .npz) of one tensor; built once and shared,
+    not copied (the page only reads them): un-pickling a large plotly figure from
+    ``cache_data`` costs ~0.4 s per rerun."""
+    import torch
+
+    views = {k: torch.from_numpy(v) for k, v in _views(path, signature, step, param).items()}
+    panels = figures.tensor_panels(
+        {k: views[k] for k in PANEL_KINDS if k in views}, param)
+    hist = value_histograms(views)
+    table = tensor_statistics(views)
+    npz = pooled_npz(pooled_views(views, figures.panel_cells(len(views))), param, step)
+    return panels, hist, table, npz
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _what_if(path: str, signature: tuple, step: int, param: str, mask: str,
+             normalize: bool):
+    del signature
+    return what_if_mask(common.load_run_cached(path), step, param, mask=mask,
+                        normalize=normalize)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _what_if_figure(path: str, signature: tuple, step: int, param: str, mask: str,
+                    normalize: bool):
+    what_if = _what_if(path, signature, step, param, mask, normalize)
+    label = f"mask={mask}, normalize={str(normalize).lower()}"
+    return mask_change(what_if.mask, what_if.mask_alt, param, label)
+
+
+# ------------------------------------------------------------------------------ page
+st.title("Parameters: one weight tensor up close")
+st.caption("Pick a run, a checkpoint step and a parameter: its pre-training importance I, "
+           "fine-tuning importance G, keep-weight mask w and update Δ, cell by cell.")
+
+runs = common.list_all_runs()
+usable = runs[(runs["checkpoints"] > 0) & (runs["status"] != "damaged")]
+if usable.empty:
+    st.info("No run with a saved checkpoint yet. Train one on the Train page, or put run "
+            "folders into your runs folder (sidebar).")
+    st.stop()
+
+ids = usable["id"].tolist()
+paths = usable["path"].tolist()
+selected = [p for p in common.selected_runs(runs) if p in paths]
+preferred = selected[0] if selected else (
+    paths[ids.index("samples/spider")] if "samples/spider" in ids else paths[0])
+methods = dict(zip(usable["id"], usable["method"]))
+top = st.columns([3, 3, 4])
+rid = top[0].selectbox("Run", ids, index=paths.index(preferred),
+                       format_func=lambda i: f"{i} ({methods[i]})",
+                       help="Runs with at least one saved checkpoint.")
+path = paths[ids.index(rid)]
+if path != preferred:
+    common.set_selected_runs([path] + [p for p in selected if p != path], runs)
+
+try:
+    run = common.load_run_cached(path)
+    steps = run.steps
+    method = run.method
+except UserError as err:
+    st.error(f"Run {rid} cannot be read: {err}")
+    st.stop()
+signature = common.run_signature(path)
+
+with top[1]:
+    if len(steps) > 1:
+        step = st.select_slider("Checkpoint step", steps, value=steps[-1], key=f"params_step_{rid}",
+                                help="The steps at which the run saved a checkpoint.")
+    else:
+        step = steps[0]
+        st.markdown(f"**Checkpoint step**  \n{step} (the run's only checkpoint)")
+
+try:
+    kept = _kept(path, signature, int(step))
+except UserError as err:
+    st.error(f"Checkpoint step {step} of run {rid} cannot be read: {err}")
+    st.stop()
+
+with top[2]:
+    q1, q2 = st.columns([3, 1])
+    query = q1.text_input("Find a parameter", key="params_query",
+                          placeholder="e.g. 3 down_proj, or projector",
+                          help="Words that must all occur in the name, or a regular "
+                               "expression when 'regex' is on.")
+    regex = q2.toggle("regex", key="params_regex")
+
+names = kept.sort_values("kept", ascending=False, kind="stable")["param"].tolist()
+try:
+    matches = find_params(names, query, regex=regex)
+except UserError as err:
+    st.error(str(err))
+    matches = names
+if not matches:
+    st.warning(f"No parameter of run {rid} matches {query!r}; showing all {len(names)}.")
+    matches = names
+is_kept = dict(zip(kept["param"], kept["kept"]))
+wanted = st.query_params.get(PARAM_QUERY) or DEFAULT_PARAM
+default_param = wanted if wanted in matches else next(
+    (n for n in matches if is_kept[n]), matches[0])
+param = st.selectbox(
+    f"Parameter ({len(matches)} of {len(names)}; {int(kept['kept'].sum())} with saved tensors)",
+    matches, index=matches.index(default_param),
+    format_func=lambda n: n if is_kept[n] else f"{n}  — tensor not saved",
+)
+if st.query_params.get(PARAM_QUERY) != param:
+    st.query_params[PARAM_QUERY] = param
+
+have = available_kinds(method)
+shown = [k for k in PANEL_KINDS if k in have]
+options = run.options
+option_text = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+lacking = [k for k in PANEL_KINDS if k not in have]
+words = [_KIND_WORDS[k] for k in have]
+note = (f"Method **{method}** ({option_text}) has, per weight: "
+        + ", ".join(words[:-1]) + (" and " if len(words) > 1 else "") + words[-1] + ".")
+if lacking:
+    why = []
+    if "importance_pre" in lacking:
+        why.append("only SPIDER ranks weights by importance (I, G)")
+    if "mask" in lacking:
+        why.append(f"{method} has no per-weight mask (it updates every weight it trains)"
+                   if method != "lora" else
+                   "LoRA trains low-rank adapters, not a per-weight mask; Δ is the merged "
+                   "adapter update")
+    note += " Not available: " + ", ".join(_KIND_WORDS[k] for k in lacking) + " — " \
+        + "; ".join(why) + "."
+st.markdown(note)
+
+# ------------------------------------------------------------------------------ not saved
+row = kept.loc[kept["param"] == param].iloc[0]
+pattern = run.config.get("save_tensors") or ""
+if not row["kept"]:
+    st.info(
+        f"Run {rid} did not save the tensor of **{param}** in its checkpoints: it kept only "
+        f"tensors matching its `--save-tensors` pattern `{pattern}` "
+        f"({int(kept['kept'].sum())} of {len(kept)} trainable tensors). Its statistics were "
+        "logged during training all the same; they are below. Pick a parameter without "
+        "'tensor not saved' to see its heatmaps."
+    )
+    logged = common.run_frame(path, "layers")
+    logged = logged[(logged["param"] == param) & (logged["step"] <= int(step))]
+    if not logged.empty:
+        columns = [c for c in ("step", "numel", "mask_density", "mask_mean",
+                               "importance_pre_mean", "importance_ft_mean", "frac_ft_gt_pre",
+                               "update_rel_norm") if c in logged.columns]
+        st.dataframe(logged[columns].tail(5), hide_index=True, width="stretch")
+
+else:
+    # -------------------------------------------------------------------------- the tensor
+    try:
+        panels_fig, hist_fig, table, npz = _figures(path, signature, int(step), param)
+        views = _views(path, signature, int(step), param)
+    except UserError as err:
+        st.error(f"The tensors of {param} at step {step} cannot be shown: {err}")
+        st.stop()
+
+    m = st.columns(4)
+    m[0].metric("Shape", row["shape"], help=f"{int(row['numel']):,} weights")
+    if "mask" in views:
+        w = views["mask"]
+        m[1].metric("Free to move (w > 0)", f"{float((w > 0).mean()):.2%}",
+                    help="Share of this tensor's weights the method lets the task update.")
+        m[2].metric("Mean keep-weight w", f"{float(w.mean()):.3f}",
+                    help="1: plain fine-tuning; 0: the pre-trained tensor unchanged.")
+    if "delta" in views:
+        d = views["delta"]
+        bf16 = str(run.config.get("save_dtype", "float32")) != "float32"
+        m[3].metric("Weights unchanged (Δ = 0)", f"{float((d == 0).mean()):.2%}",
+                    help="Exactly at their pre-trained value θ0 in this checkpoint."
+                    + (f" This run saved its checkpoints in {run.config.get('save_dtype')}, "
+                       "so updates smaller than that format's resolution also read as 0: "
+                       "this share can exceed the share pinned (w = 0)." if bf16 else ""))
+
+    st.markdown("**How to read it:** " + (
+        "a weight may move where G is brighter than I; there w is blue. Where w is white "
+        "(0) the weight was pinned to θ0 and Δ is white too." if "importance_pre" in views
+        else "red and blue in Δ are weights the method moved up and down; white ones kept "
+             "their pre-trained value θ0."))
+    st.plotly_chart(panels_fig, key="params_panels", width="stretch")
+    st.caption("Axes are shared: zoom one panel and all follow. Each cell of a large tensor "
+               "pools a block of weights (the title says how many): masks and importances "
+               "show the block mean, Δ the block's largest change with its sign; hover "
+               "gives rows, columns and value.")
+
+    st.subheader("Distributions")
+    st.plotly_chart(hist_fig, key="params_hist", width="stretch")
+
+    st.subheader("Statistics")
+    st.dataframe(table.assign(kind=table["kind"].map(lambda k: KIND_LABELS.get(k, k))),
+                 hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.4g")
+                                for c in ("mean", "std", "min", "max")}
+                 | {"numel": st.column_config.NumberColumn("entries"),
+                    "share_zero": st.column_config.NumberColumn("exactly 0", format="percent"),
+                    "share_one": st.column_config.NumberColumn("exactly 1", format="percent")})
+    if "importance_pre" in views and "importance_ft" in views:
+        disc = stats.tensor_discrepancy(views["importance_pre"], views["importance_ft"])
+        st.caption(
+            f"G − I on average {disc['discrepancy_mean']:+.4f}; G > I for "
+            f"{disc['frac_ft_gt_pre']:.2%} of the weights; correlation of I and G "
+            f"{disc['correlation']:.3f} (near 0: the task relies on other weights than "
+            "pre-training did)."
+        )
+
+    # -------------------------------------------------------------------------- what-if
+    if method == "spider":
+        st.subheader("What if: the same checkpoint under another SPIDER option")
+        st.caption("The mask rebuilt from this checkpoint's θ0 and summed gradients S with "
+                   "SPIDER's own function, under other options. It answers 'what would the "
+                   "mask be right now'; a whole run with that option would also have "
+                   "followed a different path. S was summed one way only, so the "
+                   "accumulation cannot be changed here.")
+        trained_mask = options.get("mask", "weighted")
+        trained_norm = bool(options.get("normalize", True))
+        w1, w2 = st.columns(2)
+        alt_mask = w1.radio("Mask", ("weighted", "binary"),
+                            index=1 if trained_mask == "weighted" else 0, horizontal=True,
+                            key="params_whatif_mask",
+                            help="weighted: w = G/(I+G) where G > I; binary: w = 1 there.")
+        alt_norm = w2.radio("Normalisation", (True, False), index=0 if trained_norm else 1,
+                            format_func=lambda v: "on (divide by mean, cap at 1)" if v
+                            else "off", horizontal=True, key="params_whatif_norm")
+        what_if = _what_if(path, signature, int(step), param, alt_mask, alt_norm)
+        trained_label = f"mask={trained_mask}, normalize={str(trained_norm).lower()}"
+        if what_if.alternative == what_if.options:
+            st.info(f"That is the run's own setting ({trained_label}): nothing changes. "
+                    "Pick another option above.")
+        r = what_if.as_row()
+        c = st.columns(4)
+        c[0].metric(f"Weights whose w changes (of {what_if.numel:,})", f"{what_if.changed:,}",
+                    f"{r['share changed']:.1%} of the tensor", delta_color="off",
+                    delta_arrow="off")
+        c[1].metric("Switch pinned ↔ free", f"{what_if.flipped:,}",
+                    help="Weights that go from w = 0 to w > 0 or back. The options here "
+                         "change how much a free weight moves, not which weights are "
+                         "free, so this is 0 unless the tie I = G is crossed.")
+        c[2].metric(f"Mean w (as trained {r['mean w as trained']:.3f})",
+                    f"{r['mean w what-if']:.3f}",
+                    f"{r['mean w what-if'] - r['mean w as trained']:+.3f}", delta_color="off")
+        c[3].metric("Free to move (w > 0)", f"{r['share free what-if']:.2%}")
+        if what_if.changed:
+            st.plotly_chart(_what_if_figure(path, signature, int(step), param, alt_mask,
+                                            alt_norm), key="params_whatif_fig", width="stretch")
+
+    # -------------------------------------------------------------------------- downloads
+    d1, d2 = st.columns(2)
+    safe = param.replace("/", "_")
+    d1.download_button(
+        "Download the pooled arrays (.npz)", npz, file_name=f"{run.name}-step{step}-{safe}.npz",
+        mime="application/octet-stream", key="params_npz",
+        help="The cells the heatmaps draw, per kind, with the row and column edges each "
+             "cell covers. numpy.load(file) reads it (no pickle).")
+    d2.download_button(
+        "Download the statistics (.csv)", table.to_csv(index=False).encode(),
+        file_name=f"{run.name}-step{step}-{safe}-stats.csv", mime="text/csv",
+        key="params_csv")
+
+# ------------------------------------------------------------------------------ kept tensors
+with st.expander(f"Which tensors this run kept ({int(kept['kept'].sum())} of {len(kept)})"):
+    if pattern:
+        st.caption(f"The run saved only tensors matching `--save-tensors {pattern}`; "
+                   "statistics of every trainable tensor were logged all the same.")
+    st.dataframe(kept, hide_index=True, width="stretch")

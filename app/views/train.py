@@ -1,0 +1,493 @@
+"""Train: launch fine-tunes from the browser, watch them live, cancel, resume.
+
+Thin page over :mod:`app.jobs` (queue, processes, liveness, checks before launch) and
+:mod:`app.watch` (cheap incremental reads, the ETA, the estimate). Nothing about a job lives in
+the browser session: the queue and the runs are on disk under the user's runs folder, so a
+reload, a second tab or a restarted app shows the same jobs. The live part is one top-level
+``st.fragment`` that refreshes every second while something is queued or running, and not at
+all otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from analysis import explore
+from analysis import explore_figures as xfig
+from app import common, jobs, watch
+from spider.data import builtin_names
+from spider.errors import UserError
+from spider.methods import available_methods, method_class, option_fields
+from spider.models import resolve_model_path
+
+REFRESH_S = 1.0
+_WATCH_KEY = "train_watch_run"  # the run shown in the live panel (a run folder name)
+_WATCHERS_KEY = "train_watchers"  # run folder -> app.watch.RunWatch (this session's offsets)
+_FIGS_KEY = "train_figures"  # run folder -> (offsets, figures), redrawn only on new lines
+# The runner's flags as the page names them, for messages from the runner's own checks.
+_LABELS = {"--steps": "Steps", "--lr": "Learning rate", "--batch-size": "Batch size",
+           "--eval-every": "Evaluate every (steps)", "--save-every": "Checkpoint every (steps)",
+           "--hybrid-ratio": "Hybrid ratio", "--seed": "Seed", "--eval-limit":
+           "Test examples per evaluation", "--train-size": "Training examples",
+           "--log-every": "Statistics every (steps)"}
+_STATE_LABELS = {  # Streamlit's own icon font: emoji may be missing on the machine
+    "queued": ":material/schedule: queued", "starting": ":material/hourglass_top: starting",
+    "running": ":material/directions_run: running", "done": ":material/check_circle: done",
+    "failed": ":material/error: failed", "cancelled": ":material/stop_circle: cancelled",
+    jobs.STOPPED_UNEXPECTEDLY: ":material/warning: stopped unexpectedly"}
+_BUNDLED_MODEL = "The bundled tiny LLaVA"
+_LOCAL_MODEL = "A model folder on this machine"
+_BUILTIN_DATA = "A built-in task"
+_JSON_DATA = "A LLaVA-format JSON file"
+
+
+@st.cache_resource(show_spinner=False)
+def _defaults() -> dict:
+    return jobs.runner_defaults()
+
+
+@st.cache_resource(show_spinner=False)
+def _device_text() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        return f"CUDA is available: {names}. `auto` trains there."
+    return "CUDA is not available here: runs train on the CPU."
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _check_cached(what: str, text: str, mtime: float) -> str:
+    """``""`` if the model / data ``text`` is fine, else why not (cached per file version)."""
+    del mtime  # part of the cache key: an edited file is checked again
+    try:
+        if what == "model":
+            jobs.check_model(text)
+        else:
+            jobs.check_data(text)
+    except UserError as err:
+        return str(err)
+    return ""
+
+
+def _mtime(path: str) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _message(text: str) -> str:
+    for flag, label in _LABELS.items():
+        text = text.replace(flag + " ", f"“{label}” ")
+    return text[:1].upper() + text[1:]
+
+
+def _allowed_roots() -> list[Path]:
+    """Where a typed model or data path may be: the repository, the runs folders, the
+    working folder and the home folder (never the whole file system)."""
+    return [common.REPO_ROOT, *common.runs_roots(), Path.cwd(), Path.home()]
+
+
+# ----------------------------------------------------------------------------- the form
+def _model_input(problems: list[str]) -> str:
+    choice = st.radio("Base model", [_BUNDLED_MODEL, _LOCAL_MODEL], horizontal=True,
+                      key="train_model_choice",
+                      help="The model the run fine-tunes. A local folder must hold a saved "
+                           "Hugging Face image-text model (LLaVA-style), or be a run "
+                           "checkpoint RUN/checkpoints/step-N.")
+    if choice == _BUNDLED_MODEL:
+        return str(_defaults()["model"])
+    typed = st.text_input("Model folder", key="train_model_path",
+                          placeholder="/path/to/a/llava-model")
+    path, reason = common.safe_path(typed, _allowed_roots())
+    if path is None:
+        problems.append(reason if typed.strip() else "Model folder: type the folder's path.")
+        return typed
+    reason = _check_cached("model", str(path), _mtime(str(path / "config.json")))
+    if reason:
+        problems.append(_message(reason))
+    else:
+        st.caption(f"✓ `{path}` loads as an image-text model.")
+    return str(path)
+
+
+def _data_input(problems: list[str]) -> str:
+    choice = st.radio("Data", [_BUILTIN_DATA, _JSON_DATA], horizontal=True,
+                      key="train_data_choice",
+                      help="What the run fine-tunes on. Built-in tasks are generated on the "
+                           "fly; your own data is a LLaVA-format JSON file with its images in "
+                           "the file's folder (relative paths).")
+    if choice == _BUILTIN_DATA:
+        tasks = [n for n in builtin_names() if n != "upstream"]
+        default = _defaults()["data"].removeprefix("builtin:")
+        name = st.selectbox("Task", tasks, index=tasks.index(default) if default in tasks else 0,
+                            key="train_task",
+                            help="counting: how many shapes of a kind; digit-sum: the sum of "
+                                 "two handwritten digits.")
+        return f"builtin:{name}"
+    typed = st.text_input("JSON file (or a folder holding data.json)", key="train_data_path",
+                          placeholder="/path/to/data.json")
+    path, reason = common.safe_path(typed, _allowed_roots())
+    if path is None:
+        problems.append(reason if typed.strip() else "Data: type the JSON file's path.")
+        return typed
+    reason = _check_cached("data", str(path), _mtime(str(path)))
+    if reason:
+        problems.append(_message(reason))
+    else:
+        st.caption(f"✓ `{path}`: {jobs.check_data(str(path), sample_images=0)}.")
+    return str(path)
+
+
+def _option_widget(method: str, field: dataclasses.Field):
+    key = f"train_opt_{method}_{field.name}"
+    help_text = field.metadata.get("help", "")
+    if isinstance(field.default, bool):
+        return st.checkbox(field.name, value=field.default, key=key, help=help_text)
+    if isinstance(field.default, int):
+        return st.number_input(field.name, value=field.default, step=1, key=key, help=help_text)
+    if isinstance(field.default, float):
+        return st.number_input(field.name, value=field.default, format="%g", key=key,
+                               help=help_text)
+    return st.text_input(field.name, value=str(field.default), key=key, help=help_text)
+
+
+def _methods_input(problems: list[str]) -> dict[str, dict]:
+    """Chosen methods and their options (only those changed from the defaults)."""
+    methods = st.multiselect(
+        "Methods", available_methods(), default=["spider"], key="train_methods",
+        help="Several methods run one after another, each its own run, with the same "
+             "settings.", format_func=lambda m: f"{m} — {method_class(m).summary}")
+    if not methods:
+        problems.append("Methods: choose at least one method.")
+    chosen: dict[str, dict] = {}
+    for method in methods:
+        fields = option_fields(method)
+        options = {}
+        if fields:
+            with st.expander(f"Options of {method}", expanded=False):
+                for field in fields:
+                    value = _option_widget(method, field)
+                    if value != field.default:
+                        options[field.name] = value
+        try:
+            jobs.check_options(method, options)
+        except UserError as err:
+            problems.append(str(err)[:1].upper() + str(err)[1:])
+        chosen[method] = options
+    return chosen
+
+
+def _settings_input() -> dict:
+    d = _defaults()
+    cols = st.columns(4)
+    settings = {
+        "steps": cols[0].number_input("Steps", min_value=1, value=d["steps"], step=10,
+                                      key="train_steps", help="optimizer steps"),
+        "lr": cols[1].number_input("Learning rate", min_value=0.0, value=d["lr"], step=1e-4,
+                                   format="%.1e", key="train_lr", help="peak learning rate "
+                                   "(AdamW, linear warm-up then cosine decay)"),
+        "batch_size": cols[2].number_input("Batch size", min_value=1, value=d["batch_size"],
+                                           key="train_batch", help="examples per step"),
+        "seed": cols[3].number_input("Seed", min_value=0, value=d["seed"], key="train_seed",
+                                     help="seed for data, order and method"),
+    }
+    cols = st.columns(4)
+    settings["eval_every"] = cols[0].number_input(
+        "Evaluate every (steps)", min_value=1, value=d["eval_every"], key="train_eval_every",
+        help="score upstream and downstream every N steps (and at step 0 and the end); "
+             "training pauses meanwhile")
+    settings["save_every"] = cols[1].number_input(
+        "Checkpoint every (steps)", min_value=1, value=d["save_every"], key="train_save_every",
+        help="save weights and method state every N steps (and at the end); what Resume "
+             "continues from")
+    settings["hybrid_ratio"] = cols[2].number_input(
+        "Hybrid ratio", min_value=0.0, max_value=0.99, value=d["hybrid_ratio"], step=0.05,
+        key="train_hybrid", help="share of every batch drawn from the upstream data "
+                                 "(data-hybrid training; 0 = off)")
+    settings["device"] = cols[3].selectbox("Device", ["auto", "cpu", "cuda"],
+                                           index=["auto", "cpu", "cuda"].index(d["device"]),
+                                           key="train_device", help=_device_text())
+    with st.expander("More settings"):
+        cols = st.columns(4)
+        settings["eval_limit"] = cols[0].number_input(
+            "Test examples per evaluation", min_value=1, value=d["eval_limit"],
+            key="train_eval_limit", help="per evaluated split (5 splits for a built-in task)")
+        settings["train_size"] = cols[1].number_input(
+            "Training examples", min_value=0, value=d["train_size"], key="train_size",
+            help="0 = the dataset's default size")
+        settings["log_every"] = cols[2].number_input(
+            "Statistics every (steps)", min_value=1, value=d["log_every"], key="train_log_every",
+            help="per-parameter statistics (mask density...) every N steps")
+        settings["name"] = cols[3].text_input(
+            "Run name", key="train_name", placeholder="method-task-date-time",
+            help="the run's folder name (letters, digits, . _ -); one per method is made "
+                 "unique by a suffix")
+    return settings
+
+
+@st.cache_data(show_spinner=False, max_entries=64, ttl=60)
+def _estimate(model: str, steps: int, batch: int, eval_every: int, eval_limit: int,
+              device: str, run_paths: tuple[str, ...]) -> tuple[float, str] | None:
+    found = watch.estimate(model, steps, batch, eval_every, eval_limit, run_paths, device)
+    return (found.seconds, found.basis) if found else None
+
+
+def _timing_runs(root: Path) -> list[str]:
+    folder = root / jobs.QUEUE / "timings"
+    return sorted(str(p) for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _estimate_box(root: Path, model: str, settings: dict, runs_per_launch: int) -> None:
+    """How long the launch will take, from earlier runs of the model (or a short timing)."""
+    device = _resolved_device(settings["device"])
+    paths = tuple([*(str(p) for p in common.list_all_runs()["path"]), *_timing_runs(root)])
+    found = _estimate(resolve_model_path(model), int(settings["steps"]),
+                      int(settings["batch_size"]), int(settings["eval_every"]),
+                      int(settings["eval_limit"]), device, paths)
+    if found:
+        total = watch.duration_text(found[0] * runs_per_launch)
+        st.info(f"Estimated time: about **{total}**"
+                + (f" for {runs_per_launch} runs" if runs_per_launch > 1 else "")
+                + f", plus loading the model — {found[1]}.", icon=":material/timer:")
+        return
+    st.info("No earlier run of this model on this device to estimate the time from. Time a "
+            "few steps to get an estimate (a 5-step run of the runner).",
+            icon=":material/timer:")
+    if st.button("Time a few steps", key="train_measure"):
+        with st.spinner("Timing 5 steps (loading the model, evaluating 5 examples)…"):
+            try:
+                watch.measure(resolve_model_path(model), device, int(settings["batch_size"]),
+                              root / jobs.QUEUE / "timings")
+            except UserError as err:
+                st.error(f"The timing run failed: {err}")
+                return
+        st.rerun()
+
+
+def _resolved_device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def new_run_form(root: Path) -> None:
+    problems: list[str] = []
+    left, right = st.columns(2, gap="large")
+    with left:
+        model = _model_input(problems)
+        data = _data_input(problems)
+    with right:
+        methods = _methods_input(problems)
+    settings = _settings_input()
+    st.caption(_device_text())
+    name = settings.pop("name", "").strip()
+    if name:
+        try:
+            jobs.check_run_name(name)
+        except UserError as err:
+            problems.append(_message(str(err)))
+    base = {**settings, "data": data}
+    if model != str(_defaults()["model"]):
+        base["model"] = model
+    if not problems:
+        try:
+            jobs.check_settings(base)
+        except UserError as err:
+            problems.append(_message(str(err)))
+
+    if not problems:
+        _estimate_box(root, model, settings, len(methods))
+    for problem in problems:
+        st.error(problem)
+    if st.button("Launch", type="primary", disabled=bool(problems), key="train_launch"):
+        runs = []
+        for method, options in methods.items():
+            run = {**base, "method": method, "options": options}
+            if name:
+                run["name"] = name if len(methods) == 1 else f"{name}-{method}"
+            runs.append(run)
+        try:
+            launched = jobs.launch(root, runs)
+        except UserError as err:
+            st.error(_message(str(err)))
+            return
+        st.session_state[_WATCH_KEY] = launched[0].name
+        st.toast(f"Queued {', '.join(j.name for j in launched)}")
+        st.rerun()
+
+
+# ----------------------------------------------------------------------------- live panel
+def _watcher(run_dir: Path) -> watch.RunWatch:
+    watchers = st.session_state.setdefault(_WATCHERS_KEY, {})
+    key = str(run_dir)
+    if key not in watchers:
+        watchers[key] = watch.RunWatch(run_dir)
+    return watchers[key]
+
+
+def _figures(run_dir: Path, snap: watch.Snapshot, w: watch.RunWatch):
+    """The run's loss, score and mask-density figures, rebuilt only when lines came in."""
+    cache = st.session_state.setdefault(_FIGS_KEY, {})
+    offsets = (w.metrics_tail.offset, w.layers_tail.offset, w.metrics_tail.inode)
+    cached = cache.get(str(run_dir))
+    if cached and cached[0] == offsets:
+        return cached[1]
+    loss = xfig.compare_loss_curves(explore.loss_curves_frame(snap.train)) \
+        if not snap.train.empty else None
+    scores = xfig.compare_score_curves(explore.score_curves_frame(snap.metrics, snap.train)) \
+        if not snap.metrics.empty else None
+    heat = None
+    if not snap.layers.empty:
+        matrix = explore.layer_step_matrix(snap.layers, "mask_density")
+        heat = xfig.layer_step_heatmap(
+            matrix, "mask_density", explore.fitted_range(matrix["mask_density"]),
+            title="Share of weights free to move (w > 0), per layer, as statistics arrive")
+    figures = tuple(None if f is None else watch.light_figure(f) for f in (loss, scores, heat))
+    cache[str(run_dir)] = (offsets, figures)
+    return figures
+
+
+def _status_line(root: Path, name: str, state: str, snap: watch.Snapshot | None) -> None:
+    progress = snap.progress if snap else None
+    if state == "queued":
+        ahead = [v.name for v in jobs.jobs_overview(root) if v.state != "queued"]
+        before = ", ".join(ahead) or "the run before it"
+        st.info(f"Queued: starts when {before} has finished.", icon=":material/schedule:")
+    elif state == "starting":
+        st.progress(0.0, text="starting: loading the model and data…")
+    elif state == "running" and progress is not None:
+        total = progress.steps or 1
+        st.progress(min(1.0, progress.step / total), text=watch.eta_text(progress))
+    elif state == "done":
+        summary = (jobs.run_info(root / name) or {}).get("summary") or {}
+        scores = ""
+        if all(k in summary for k in ("U", "D", "H")):
+            scores = (f"Upstream score U = {summary['U']:.3f} (what it kept), downstream "
+                      f"D = {summary['D']:.3f} (the task), H = {summary['H']:.3f}.")
+        st.success(f"Done. {scores}", icon=":material/check_circle:")
+    elif state == "failed":
+        st.error(f"Failed: {_error_line(root, name, progress)}", icon=":material/error:")
+    elif state == "cancelled" and snap is None:
+        st.warning("Cancelled before it started training; nothing was written.",
+                   icon=":material/stop_circle:")
+    elif state == "cancelled":
+        st.warning("Cancelled. Its checkpoints are kept; **Resume** continues from the "
+                   "last one.", icon=":material/stop_circle:")
+    elif state == jobs.STOPPED_UNEXPECTEDLY:
+        st.warning("Stopped unexpectedly: its process is gone (killed, or the machine "
+                   "restarted). **Resume** continues from the last checkpoint.",
+                   icon=":material/warning:")
+
+
+def _error_line(root: Path, name: str, progress) -> str:
+    """The run's one-sentence reason: run.json's error, else the log's last ``error:``."""
+    if progress is not None and progress.error:
+        return str(progress.error)
+    line = jobs.last_error_line(jobs.log_file(root, name))
+    if line:
+        return line.split(":", 1)[1].strip()
+    ended = jobs.ended_record(root, name) or {}
+    return f"the runner exited with code {ended.get('returncode')}; see {jobs.log_file(root, name)}"
+
+
+def _actions(root: Path, name: str, state: str) -> None:
+    if state in ("queued", "starting", "running"):
+        if st.button("Cancel", key=f"train_cancel_{name}",
+                     help="stop it: it saves a checkpoint and ends cancelled"):
+            outcome = jobs.cancel(root, name)
+            st.toast("Removed from the queue" if outcome == "dequeued"
+                     else "Stopping: it saves a checkpoint first")
+    elif state in jobs.RESUMABLE and (root / name / "run.json").exists():
+        if st.button("Resume", key=f"train_resume_{name}",
+                     help="continue from the last checkpoint"):
+            try:
+                jobs.resume(root, name)
+            except UserError as err:
+                st.error(str(err))
+            st.rerun(scope="app")
+    elif state == "done":
+        st.page_link("views/compare.py", label="Open in Compare", icon=":material/compare_arrows:",
+                     query_params={common.QUERY_KEY: [name]},
+                     help="the Compare page with this run selected")
+
+
+def _runs_to_watch(root: Path) -> tuple[list[str], dict[str, str]]:
+    """Names of the jobs and user runs, active first then newest, and their states."""
+    states: dict[str, str] = {}
+    for view in jobs.jobs_overview(root):
+        states[view.name] = view.state
+    for run_dir in jobs.iter_user_runs(root):
+        states.setdefault(run_dir.name, jobs.run_status(run_dir))
+    for view in jobs.ended_before_run(root):  # never got as far as writing run.json
+        states.setdefault(view.name, view.state)
+    return list(states), states
+
+
+def live_panel(root: Path) -> None:
+    """The fragment's body: which run, its status, progress, actions and live charts."""
+    started = time.perf_counter()
+    names, states = _runs_to_watch(root)
+    if not names:
+        st.caption(f"No runs in `{root}` yet: launch one above.")
+        return
+    if st.session_state.get(_WATCH_KEY) not in names:
+        st.session_state[_WATCH_KEY] = names[0]
+    name = st.selectbox("Run", names, key=_WATCH_KEY,
+                        help="queued and running jobs first, then your runs, newest first")
+    state = states[name]
+    run_dir = root / name
+    info = jobs.run_info(run_dir) or {}
+    config = info.get("config") or {}
+    what = " · ".join(str(x) for x in (info.get("method"), config.get("data")) if x)
+    st.markdown(f"**{name}** — {_STATE_LABELS.get(state, state)}" + (f" · {what}" if what else ""))
+    snap = None
+    if (run_dir / "run.json").exists():
+        w = _watcher(run_dir)
+        snap = w.poll()
+    _status_line(root, name, state, snap)
+    _actions(root, name, state)
+    if snap is not None:
+        loss, scores, heat = _figures(run_dir, snap, w)
+        if scores is not None:
+            st.plotly_chart(scores, key=f"train_scores_{name}")
+        else:
+            st.caption("Scores appear when the step-0 evaluation (the base model) ends.")
+        if loss is not None:
+            st.plotly_chart(loss, key=f"train_loss_{name}")
+        if heat is not None:
+            st.plotly_chart(heat, key=f"train_heat_{name}")
+        else:
+            every = config.get("log_every", "N")
+            what = "The mask-density heatmap appears" if loss is not None else (
+                "The loss curve and the mask-density heatmap appear")
+            st.caption(f"{what} as statistics are logged (every {every} steps).")
+    busy_now = any(s in ("queued", "starting", "running") for s in states.values())
+    st.session_state["train_refresh_ms"] = (time.perf_counter() - started) * 1000
+    if busy_now != st.session_state.get("train_busy", False):
+        st.session_state["train_busy"] = busy_now
+        st.rerun(scope="app")  # start or stop refreshing
+
+
+# ----------------------------------------------------------------------------- the page
+st.title("Train")
+st.caption("Fine-tune the model with one or several methods and watch each run as it goes. "
+           "Runs train in the background, one after another: closing the tab does not stop "
+           "them, and every run lands in your runs folder for the Compare, Layers and "
+           "Parameters pages.")
+root = common.user_runs_root()
+if root.is_dir():
+    jobs.ensure_supervisor(root)  # jobs left queued by a crash or a reboot start again
+busy = root.is_dir() and jobs.anything_running(root)
+st.session_state["train_busy"] = busy
+
+with st.expander("New run", expanded=not busy):
+    new_run_form(root)
+
+st.subheader("Runs")
+st.fragment(run_every=REFRESH_S if busy else None)(live_panel)(root)

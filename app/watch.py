@@ -1,0 +1,291 @@
+"""Watching a run while it trains, cheaply; and guessing how long a run will take (no Streamlit).
+
+The Train page refreshes once a second while a run goes. A refresh must cost little (the run
+shares the CPU with it), so :class:`RunWatch` reads only what is new:
+
+* ``run.json`` through :func:`spider.rundir.read_progress` (one small file: step, total,
+  whether an evaluation is under way, training-time rate);
+* the lines appended to ``metrics.jsonl`` and ``layers.jsonl`` since the last refresh, from a
+  remembered byte offset (complete lines only; a file rewritten shorter, as ``--resume``
+  does, is read again from the start).
+
+Frames are rebuilt only when new lines came, in the columns of :mod:`analysis.stats`, so the
+figures of :mod:`analysis.figures` draw them; the page caches the figures the same way.
+
+:func:`estimate` answers "how long will this take?" before a launch from earlier runs of the
+same base model in the runs roots: seconds per step (the runner logs each step's own time),
+scaled by batch size, plus evaluations (their count times the time one took there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import stats
+from spider import rundir
+from spider.errors import UserError
+from spider.naming import parse_param_name
+
+
+class JsonlTail:
+    """The complete lines appended to a JSON-lines file since the last :meth:`read`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.offset = 0
+        self.inode: int | None = None
+        self.rows: list[dict] = []
+
+    def read(self) -> bool:
+        """Read what was appended; True when :attr:`rows` changed."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        restarted = st.st_ino != self.inode or st.st_size < self.offset
+        if restarted:  # rewritten (a resume truncates) or replaced: read it again
+            self.offset, self.rows, self.inode = 0, [], st.st_ino
+        if st.st_size == self.offset:
+            return restarted
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read(st.st_size - self.offset)
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
+        for line in chunk[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a damaged line: the analysis pages name it; here it is skipped
+            if isinstance(row, dict):
+                self.rows.append(row)
+        self.offset += end
+        return end > 0 or restarted
+
+
+@dataclass
+class Snapshot:
+    """One refresh of a watched run."""
+
+    progress: rundir.Progress | None
+    changed: bool  # new metrics or statistics since the last refresh
+    train: pd.DataFrame = field(default_factory=pd.DataFrame)  # TRAIN_COLUMNS + seconds
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # METRICS_COLUMNS
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)  # LAYERS_COLUMNS subset
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class RunWatch:
+    """Incremental reader of one run directory (see the module docstring)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.name = self.run_dir.name
+        self.metrics_tail = JsonlTail(self.run_dir / rundir.METRICS_FILE)
+        self.layers_tail = JsonlTail(self.run_dir / rundir.LAYERS_FILE)
+        self.method = ""
+        self._frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
+        self._parsed: dict[str, tuple] = {}
+
+    def poll(self) -> Snapshot:
+        try:
+            progress = rundir.read_progress(self.run_dir)
+        except UserError:  # run.json not written yet (the runner is loading the model)
+            progress = None
+        if not self.method:
+            try:
+                self.method = str(rundir.RunDir(self.run_dir).read_run().get("method", ""))
+            except UserError:
+                pass
+        changed = self.metrics_tail.read()
+        changed = self.layers_tail.read() or changed
+        if changed or self._frames is None:
+            self._frames = (self._train(), self._metrics(), self._layers())
+        train, metrics, layers = self._frames
+        return Snapshot(progress, changed, train, metrics, layers)
+
+    def _train(self) -> pd.DataFrame:
+        rows = [(self.name, self.method, int(e["step"]), _float(e.get("loss")),
+                 _float(e.get("lr")), _float(e.get("seconds")))
+                for e in self.metrics_tail.rows if e.get("event") == "train" and "step" in e]
+        return pd.DataFrame(rows, columns=[*stats.TRAIN_COLUMNS, "seconds"])
+
+    def _metrics(self) -> pd.DataFrame:
+        rows = [(self.name, self.method, int(e["step"]), str(e.get("split")),
+                 str(e.get("metric")), _float(e.get("value")))
+                for e in self.metrics_tail.rows if e.get("event") == "eval" and "step" in e]
+        return pd.DataFrame(rows, columns=list(stats.METRICS_COLUMNS))
+
+    def _layers(self) -> pd.DataFrame:
+        """Just what the mask-density heatmap needs, names parsed once per parameter."""
+        rows = []
+        for r in self.layers_tail.rows:
+            param = str(r.get("param", ""))
+            if param not in self._parsed:
+                self._parsed[param] = parse_param_name(param)
+            name = self._parsed[param]
+            rows.append((self.name, self.method, int(r.get("step", 0)), param, name.component,
+                         name.layer, name.module, int(r.get("numel", 0)),
+                         _float(r.get("mask_mean")), _float(r.get("mask_density"))))
+        frame = pd.DataFrame(rows, columns=["run", "method", "step", "param", "component",
+                                            "layer", "module", "numel", "mask_mean",
+                                            "mask_density"])
+        frame["layer"] = pd.array(frame["layer"], dtype="Int64")
+        return frame
+
+
+# ------------------------------------------------------------------------------- the ETA
+def eta_text(progress: rundir.Progress) -> str:
+    """The progress bar's caption: step / total and what is left, evaluations apart."""
+    total = progress.steps or 0
+    head = f"step {progress.step} / {total}" if total else f"step {progress.step}"
+    if progress.evaluating:
+        at = progress.eval_step if progress.eval_step is not None else progress.step
+        return f"{head} · evaluating at step {at} (training pauses meanwhile)"
+    if progress.eta_s is None:
+        return f"{head} · measuring speed…"
+    text = f"{head} · about {duration_text(progress.eta_s)} of training left"
+    if progress.evals_left and progress.eval_seconds:
+        text += (f", plus {progress.evals_left} evaluation"
+                 f"{'s' if progress.evals_left != 1 else ''} of ~"
+                 f"{duration_text(progress.eval_seconds)}")
+    return text
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------- estimate
+@dataclass
+class Estimate:
+    seconds: float
+    basis: str  # where the numbers come from, for the page
+
+
+def _same_model(info: dict, model_dir: Path) -> bool:
+    ref = info.get("model") if isinstance(info.get("model"), dict) else {}
+    try:
+        return Path(ref.get("path", "")).resolve() == model_dir.resolve()
+    except OSError:
+        return False
+
+
+def _timing(run_dir: Path) -> tuple[float, int, float | None, int] | None:
+    """(median seconds per step, batch size, seconds per evaluation, eval limit) of a run."""
+    try:
+        info = json.loads((run_dir / rundir.RUN_FILE).read_text())
+        events = rundir.RunDir(run_dir).read_events()
+    except (OSError, ValueError, UserError):
+        return None
+    config = info.get("config") or {}
+    seconds = [float(e["seconds"]) for e in events
+               if e.get("event") == "train" and isinstance(e.get("seconds"), (int, float))]
+    if len(seconds) < 3:
+        return None
+    eval_seconds = None
+    progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
+    if isinstance(progress.get("eval_seconds"), (int, float)):
+        eval_seconds = float(progress["eval_seconds"])
+    elif info.get("status") == "done" and isinstance(info.get("ended"), (int, float)):
+        # older runs: what the wall clock spent beyond the training steps, per evaluation
+        evals = len({e["step"] for e in events if e.get("event") == "eval"})
+        wall = float(info["ended"]) - float(info.get("created", info["ended"]))
+        if evals and wall > sum(seconds):
+            eval_seconds = (wall - sum(seconds)) / evals
+    return (statistics.median(seconds), int(config.get("batch_size") or 1), eval_seconds,
+            int(config.get("eval_limit") or 1))
+
+
+def estimate(model_dir: str | os.PathLike, steps: int, batch_size: int, eval_every: int,
+             eval_limit: int, run_dirs: Iterable[str | os.PathLike], device: str = "cpu"
+             ) -> Estimate | None:
+    """How long ``steps`` steps will take, from earlier runs of the same base model on the
+    same kind of device (None when there is none to go by)."""
+    model_dir = Path(model_dir)
+    timings = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        try:
+            info = json.loads((run_dir / rundir.RUN_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _same_model(info, model_dir) or str(info.get("device", "cpu"))[:4] != device[:4]:
+            continue
+        found = _timing(run_dir)
+        if found:
+            timings.append((run_dir.name, found))
+    if not timings:
+        return None
+    per_step = statistics.median(t[0] * batch_size / t[1] for _, t in timings)
+    evals = [t[2] * eval_limit / t[3] for _, t in timings if t[2]]
+    n_evals = steps // eval_every + 1 + (steps % eval_every != 0)  # step 0, every K, the end
+    eval_total = n_evals * statistics.median(evals) if evals else 0.0
+    basis = (f"from {len(timings)} earlier run{'s' if len(timings) != 1 else ''} of this model "
+             f"({per_step:.2f} s per step at batch {batch_size}"
+             + (f", {n_evals} evaluations of ~{duration_text(eval_total / n_evals)}" if evals
+                else "") + ")")
+    return Estimate(steps * per_step + eval_total, basis)
+
+
+def measure(model: str, device: str, batch_size: int, folder: str | os.PathLike,
+            steps: int = 5, timeout: float = 600.0) -> Path:
+    """Time a few steps of the model (a short run of the runner itself, into ``folder``), so
+    that :func:`estimate` has a run to go by. Returns the timing run's folder; a runner that
+    fails raises ``UserError`` with its error line."""
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="timing-", dir=folder))
+    run_dir.rmdir()  # the runner makes it (it refuses a folder that exists and is not empty)
+    cmd = [sys.executable, "-m", "spider.train", "--output-dir", str(run_dir), "--model",
+           str(model), "--device", device, "--batch-size", str(batch_size), "--steps",
+           str(steps), "--eval-every", str(steps), "--eval-limit", "5", "--save-every",
+           str(steps * 10), "--log-every", str(steps), "--train-size", str(batch_size * steps)]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        lines = [x for x in done.stderr.splitlines() if x.startswith(("error:", "failed:"))]
+        raise UserError(lines[-1].split(":", 1)[1].strip() if lines else
+                        f"the timing run failed (exit {done.returncode})")
+    return run_dir
+
+
+def light_figure(fig):
+    """The same figure with its data arrays as plain lists.
+
+    The page sends its figures again on every refresh (``st.plotly_chart`` serialises them
+    each time); plotly's serialiser inspects every numpy array it meets (dataframe-library
+    checks, base64 encoding), which made serialising the live charts several times slower
+    than the same figure holding lists. Converted once when the data change, not per refresh.
+    """
+    import numpy as np
+    import plotly.graph_objects as go
+
+    spec = fig.to_plotly_json()
+    for trace in spec.get("data", []):
+        for key, value in list(trace.items()):
+            if isinstance(value, np.ndarray):
+                trace[key] = value.tolist()
+    return go.Figure(spec)

@@ -1,0 +1,93 @@
+"""app/common.py: paths typed by a user, run listing and its cache, the runs folder chosen in
+the sidebar."""
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from app import common
+from tests.app.test_compare_page import SAMPLES, copy_run
+
+
+def test_safe_path_refuses_escapes_and_names_the_path(tmp_path):
+    root = tmp_path / "runs"
+    (root / "a").mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+
+    path, reason = common.safe_path(str(root / "a"), [root])
+    assert path == (root / "a").resolve() and reason == ""
+    for text, words in ((str(root / "a" / ".." / ".." / "secret"), "'..'"),
+                        (str(root / "link"), "outside"),
+                        (str(outside), "outside"),
+                        (str(root / "missing"), "does not exist"),
+                        ("  ", "No path")):
+        path, reason = common.safe_path(text, [root])
+        assert path is None and words in reason, (text, reason)
+        if text.strip():
+            assert text in reason  # the message names what the user typed
+    path, reason = common.safe_path(str(root / "new"), [root], must_exist=False)
+    assert path == (root / "new").resolve()
+
+
+def test_runs_folder_check_says_what_is_wrong(tmp_path):
+    file = tmp_path / "f.txt"
+    file.write_text("x")
+    assert "does not exist" in common.check_runs_folder(str(tmp_path / "nope"))
+    assert "is a file" in common.check_runs_folder(str(file))
+    assert common.check_runs_folder(str(tmp_path)) == ""
+
+
+def test_listing_rereads_a_growing_run_and_not_a_finished_one(runs_dir, monkeypatch):
+    from analysis import overview
+
+    st.cache_data.clear()
+    copy_run("spider", runs_dir / "growing", status="done")
+    copy_run("full", runs_dir / "finished", status="done")
+    calls = []
+    real = overview.run_overview
+    monkeypatch.setattr(overview, "run_overview", lambda p: calls.append(Path(p).name) or real(p))
+
+    first = common.list_all_runs().set_index("id")
+    assert {"growing", "finished", "samples/spider"} <= set(first.index)
+    assert first.loc["growing", "root"] == "yours"
+    calls.clear()
+    common.list_all_runs()
+    assert calls == []  # nothing changed: every row from the cache
+
+    # the run writes a later evaluation: only it is read again, and its scores follow
+    metrics = runs_dir / "growing" / "metrics.jsonl"
+    last = max(json.loads(line)["step"] for line in metrics.open())
+    with metrics.open("a") as out:
+        for split, value in (("upstream", 0.125), ("downstream", 0.875)):
+            out.write(json.dumps({"event": "eval", "step": last + 10, "split": split,
+                                  "metric": "score", "value": value}) + "\n")
+    again = common.list_all_runs().set_index("id")
+    assert calls == ["growing"]
+    assert again.loc["growing", "U"] == 0.125 and again.loc["growing", "D"] == 0.875
+
+    # a new run appears without a restart
+    copy_run("lora", runs_dir / "new", status="done")
+    assert "new" in set(common.list_all_runs()["id"])
+
+
+def test_run_ids_name_samples_and_nested_user_runs(runs_dir):
+    st.cache_data.clear()
+    copy_run("spider", runs_dir / "week1" / "a")
+    runs = common.list_all_runs()
+    assert "week1/a" in set(runs["id"])
+    paths = dict(zip(runs["id"], runs["path"]))
+    assert paths["samples/spider"] == str(SAMPLES / "spider")
+
+
+def test_sidebar_shows_the_runs_folder_from_the_environment(app_page, runs_dir):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.app.conftest import APP
+
+    # AppTest keeps the sidebar's elements of the first run only (with st.navigation), so
+    # typing another folder there is tested in the browser (test_e2e_explore.py)
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert at.sidebar.text_input[0].value == str(runs_dir)

@@ -1,0 +1,155 @@
+"""The Compare page through Streamlit's AppTest: the runs table, the choice of runs (carried
+in the URL), curves, trade-off plane, cells, and runs that are not results.
+
+Expected numbers are computed here from ``analysis`` directly, so the tests follow the
+sample runs when they are re-made.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import analysis
+from analysis import explore
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "runs"
+
+
+def copy_run(name: str, dest: Path, **info_changes) -> Path:
+    """A copy of a sample run's logs (no checkpoints) with run.json fields changed."""
+    shutil.copytree(SAMPLES / name, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    info = json.loads((dest / "run.json").read_text())
+    info["model"]["path"] = str(SAMPLES.parent / "tiny-llava-base")
+    info["model"].pop("relative", None)
+    info.update(info_changes)
+    (dest / "run.json").write_text(json.dumps(info))
+    return dest
+
+
+def charts(at) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def chart(at, title_part: str) -> dict:
+    for spec in charts(at):
+        title = spec["layout"].get("title", {})
+        if title_part in (title.get("text", "") if isinstance(title, dict) else str(title)):
+            return spec
+    raise AssertionError(f"no chart titled {title_part!r}")
+
+
+def final_points(spec: dict) -> dict[str, tuple[float, float]]:
+    """The trade-off plane's final point per run: name -> (U, D)."""
+    return {t["name"]: (_decode(t["x"])[-1], _decode(t["y"])[-1]) for t in spec["data"]
+            if t.get("meta") == {"final": True}}
+
+
+def _decode(values):
+    """Plotly figure JSON may hold arrays as base64 typed arrays."""
+    if isinstance(values, dict) and "bdata" in values:
+        import base64
+
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"]).tolist()
+    return list(values)
+
+
+def test_table_lists_every_sample_with_its_scores(app_page):
+    at = app_page("compare")
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("run")
+    listed = analysis.list_runs(SAMPLES).set_index("name")
+    assert sorted(table.index) == sorted(f"samples/{n}" for n in listed.index)
+    for name, row in listed.iterrows():
+        mine = table.loc[f"samples/{name}"]
+        assert mine["method"] == row["method"]
+        assert mine["U"] == pytest.approx(row["U"], nan_ok=True) and mine["D"] == pytest.approx(row["D"], nan_ok=True)
+        summary = analysis.load_run(SAMPLES / name).summary.iloc[0]
+        assert mine["E"] == pytest.approx(summary["E"], nan_ok=True) and (
+            mine["O"] == pytest.approx(summary["O"], nan_ok=True))
+    # first visit: SPIDER and full fine-tuning (and a few more) are chosen; the URL says so
+    chosen = [at.dataframe[0].value["run"].tolist()[i] for i in range(2)]
+    assert chosen == ["samples/spider", "samples/full"]  # chosen runs are listed first
+    assert at.query_params["runs"][:2] == ["samples/spider", "samples/full"]
+    assert len(at.query_params["runs"]) == len(at.multiselect[0].value)
+
+
+def test_choosing_runs_updates_the_url_and_the_trade_off_plane(app_page):
+    at = app_page("compare", query={"runs": ["samples/spider"]})
+    assert at.multiselect[0].value == [str(SAMPLES / "spider")]
+    at.multiselect[0].select(str(SAMPLES / "full")).run()
+    assert not at.exception
+    assert at.query_params["runs"] == ["samples/spider", "samples/full"]
+    points = final_points(chart(at, "Trade-off"))
+    for name in ("spider", "full"):
+        summary = analysis.load_run(SAMPLES / name).summary.iloc[0]
+        assert points[f"samples/{name}"] == pytest.approx((summary["U"], summary["D"]))
+    assert set(points) == {"samples/spider", "samples/full"}
+    assert [b.label for b in at.get("download_button")] == [
+        "Runs table (CSV)", "2×2 cells (CSV)", "HTML report (opens offline)"]
+
+
+def test_curves_follow_smoothing_and_the_time_axis(app_page):
+    at = app_page("compare", query={"runs": ["samples/spider"]})
+    run = analysis.load_run(SAMPLES / "spider")
+    raw = explore.score_curves_frame(run.metrics, run.train)
+    down = raw[raw["split"] == "downstream"]
+    trace = [t for t in chart(at, "Scores over training")["data"]
+             if t["xaxis"] == "x2"][0]
+    assert _decode(trace["y"]) == pytest.approx(down["score"].tolist())
+    assert _decode(trace["x"]) == down["step"].tolist()
+
+    at.slider[0].set_value(0.5).run()
+    at.radio[0].set_value("training time").run()
+    assert not at.exception
+    trace = [t for t in chart(at, "Scores over training")["data"] if t["xaxis"] == "x2"][0]
+    assert _decode(trace["y"]) == pytest.approx(explore.smooth(down["score"], 0.5).tolist())
+    seconds = run.train.set_index("step")["seconds"].cumsum()
+    expected_x = [0.0 if s == 0 else seconds[s] for s in down["step"]]
+    assert _decode(trace["x"]) == pytest.approx(expected_x)
+
+
+def test_cells_explain_every_column_and_fill_the_downstream_cell(app_page):
+    at = app_page("compare", query={"runs": ["samples/spider"]})
+    spec = chart(at, "2×2 generalisation")
+    z = spec["data"][0]["z"]
+    z = np.array(_decode(z) if isinstance(z, dict) else z, dtype=float).reshape(1, -1)
+    summary = analysis.load_run(SAMPLES / "spider").summary.iloc[0]
+    assert z[0, 0] == pytest.approx(summary["D"])  # idimg-idq is the downstream test
+    assert np.isfinite(z).all()  # no unexplained empty column
+    text = " ".join(m.value for m in at.markdown)
+    for name, _ in explore.CELL_MEANINGS.values():
+        assert name in text
+
+
+def test_failed_and_stopped_runs_are_listed_but_not_charted(app_page, runs_dir):
+    copy_run("spider", runs_dir / "broke", status="failed", error="loss is not finite")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    copy_run("full", runs_dir / "vanished", status="running", pid=dead.pid)
+    at = app_page("compare", query={"runs": ["broke", "vanished", "samples/spider"]})
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["broke", "status"] == "failed"
+    assert table.loc["vanished", "status"] == "stopped unexpectedly"
+    assert set(final_points(chart(at, "Trade-off"))) == {"samples/spider"}
+    assert any("broke: failed" in i.value and "vanished: stopped unexpectedly" in i.value
+               for i in at.info)
+    at.checkbox[0].check().run()
+    assert set(final_points(chart(at, "Trade-off"))) == {"samples/spider", "broke", "vanished"}
+
+
+def test_a_damaged_run_is_named_and_the_page_still_draws(app_page, runs_dir):
+    bad = runs_dir / "garbled"
+    bad.mkdir()
+    (bad / "run.json").write_text("{ not json")
+    at = app_page("compare", query={"runs": ["garbled", "samples/spider"]})
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["garbled", "status"] == "damaged"
+    assert any("garbled" in w.value and "run.json" in w.value for w in at.warning)
+    assert set(final_points(chart(at, "Trade-off"))) == {"samples/spider"}

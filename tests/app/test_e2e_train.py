@@ -1,0 +1,132 @@
+"""End to end in Chromium: launch a run from the Train page, reload mid-run, watch it end, find
+it on Compare; launch a long run and cancel it from the page."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from spider.rundir import RunDir
+from tests.app.conftest import wait_idle
+
+EXCEPTION = "[data-testid='stException']"
+PROGRESS = "[data-testid='stProgress']"
+
+
+def _no_exception(page) -> None:
+    assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _new_runs(runs_dir: Path, before: set[str]) -> list[Path]:
+    return sorted(p for p in runs_dir.iterdir() if not p.name.startswith(".")
+                  and p.name not in before)
+
+
+def _open_train(page, url: str) -> None:
+    page.goto(url)
+    wait_idle(page, 120)
+    page.get_by_role("link", name="Train").click()
+    wait_idle(page, 120)
+    page.get_by_role("spinbutton", name="Steps", exact=True).wait_for()
+
+
+def _few_test_examples(page) -> None:
+    """Evaluate on 10 examples per split: the run's evaluations take a second, not ten."""
+    page.get_by_text("More settings").click()
+    _set_number(page, "Test examples per evaluation", 10)
+
+
+def _shot(page, path: Path) -> None:
+    """A screenshot of the whole page (Streamlit scrolls inside its own container, so the
+    window is made tall enough for everything first)."""
+    wait_idle(page)
+    height = page.evaluate(
+        "() => document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 1000")
+    page.set_viewport_size({"width": 1400, "height": min(max(1000, height + 50), 4000)})
+    page.screenshot(path=str(path))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def _set_number(page, label: str, value: int) -> None:
+    box = page.get_by_role("spinbutton", name=label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    wait_idle(page)
+
+
+@pytest.mark.usefixtures("streamlit_server")
+def test_launch_watch_reload_done_compare_and_cancel(streamlit_server, browser_page,
+                                                     screenshots_dir):
+    page, url, runs_dir = browser_page, streamlit_server.url, streamlit_server.runs_dir
+    before = {p.name for p in runs_dir.iterdir()}
+    _open_train(page, url)
+    _no_exception(page)
+    _shot(page, screenshots_dir / "train-1-form.png")
+
+    # a short run: 10 steps
+    _set_number(page, "Steps", 10)
+    _few_test_examples(page)
+    page.get_by_role("button", name="Launch").click()
+    page.wait_for_selector(PROGRESS, timeout=60_000)
+    run_dir = _wait_for(lambda: _new_runs(runs_dir, before), 60, "the run folder")[0]
+    _wait_for(lambda: _status(run_dir) == "running", 120, "the run to start")
+    _shot(page, screenshots_dir / "train-2-running.png")
+    _no_exception(page)
+
+    # reload mid-run: the run is still there (state on disk, not in the browser session)
+    page.reload()
+    wait_idle(page, 120)
+    assert page.get_by_text(run_dir.name).count() >= 1
+    if _status(run_dir) == "running":
+        assert page.locator(PROGRESS).count() == 1
+    # it ends done, and the page says so without a reload
+    page.get_by_text("Done.").wait_for(timeout=240_000)
+    assert _status(run_dir) == "done"
+    _shot(page, screenshots_dir / "train-3-done.png")
+    _no_exception(page)
+
+    # Compare, with the run selected
+    page.get_by_role("link", name="Open in Compare").click()
+    wait_idle(page, 120)
+    assert f"runs={run_dir.name}" in page.url
+    page.get_by_text(run_dir.name).first.wait_for(timeout=30_000)
+    _shot(page, screenshots_dir / "train-4-compare.png")
+    _no_exception(page)
+
+    # a long run, cancelled from the page once it has saved a checkpoint
+    before = {p.name for p in runs_dir.iterdir()}
+    _open_train(page, url)
+    _set_number(page, "Steps", 5000)
+    _set_number(page, "Checkpoint every (steps)", 5)
+    _few_test_examples(page)
+    page.get_by_role("button", name="Launch").click()
+    long_dir = _wait_for(lambda: _new_runs(runs_dir, before), 60, "the long run's folder")[0]
+    _wait_for(lambda: RunDir(long_dir).checkpoint_steps(), 240, "a first checkpoint")
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_text("Cancelled.").wait_for(timeout=120_000)
+    assert _status(long_dir) == "cancelled"
+    kept = RunDir(long_dir).checkpoint_steps()
+    assert kept and max(kept) < 5000  # checkpoints kept
+    assert page.get_by_role("button", name="Resume").count() == 1
+    _shot(page, screenshots_dir / "train-5-cancelled.png")
+    _no_exception(page)

@@ -1,0 +1,108 @@
+"""The Layers page through Streamlit's AppTest: run choice, step slider, filters, colour scale,
+two runs side by side. Expected numbers come from ``analysis.stats`` on the run's own log."""
+
+import json
+
+import numpy as np
+import pytest
+
+import analysis
+from analysis import stats
+from tests.app.test_compare_page import SAMPLES, _decode, charts
+
+
+def heatmaps(at) -> list[dict]:
+    return [s for s in charts(at) if s["data"] and s["data"][0]["type"] == "heatmap"]
+
+
+def bars(at, title_part: str) -> list[dict]:
+    """Bar traces of the chart(s) whose panel titles mention ``title_part``."""
+    found = []
+    for spec in charts(at):
+        notes = " ".join(a.get("text", "") for a in spec["layout"].get("annotations", []))
+        if title_part in notes:
+            found.append([t for t in spec["data"] if t["type"] == "bar"])
+    return found
+
+
+def bar_values(traces, name: str) -> dict[str, float]:
+    """Layer name -> value over the bar traces of one panel (x values, horizontal bars)."""
+    out = {}
+    for trace in traces:
+        if trace.get("xaxis", "x") != name:
+            continue
+        for y, x in zip(trace["y"], _decode(trace["x"])):
+            out[y] = x
+    return out
+
+
+def z_matrix(spec) -> np.ndarray:
+    z = spec["data"][0]["z"]
+    if isinstance(z, dict):
+        shape = [int(n) for n in str(z.get("shape", "-1")).split(",")]
+        return np.array(_decode(z), dtype=float).reshape(shape)
+    return np.array(z, dtype=float)
+
+
+def test_one_run_shows_its_logged_layers(app_page):
+    at = app_page("layers", query={"runs": ["samples/spider"]})
+    assert not at.exception
+    assert at.selectbox[0].value == str(SAMPLES / "spider")
+    run = analysis.load_run(SAMPLES / "spider")
+    layers = run.layers
+    last = int(layers["step"].max())
+    assert at.select_slider[0].value == last
+
+    # heatmap: share free per layer and step, rows in model order, colours fitted to the data
+    spec = heatmaps(at)[0]
+    dens = stats.mask_density(layers, by=("component", "layer"))
+    block3 = dens[(dens["component"] == "llm") & (dens["layer"] == 3)].sort_values("step")
+    row = spec["data"][0]["y"].index("language model · block 3")
+    assert z_matrix(spec)[row] == pytest.approx(block3["mask_density"].to_numpy(), abs=1e-6)
+    assert spec["data"][0]["zmin"] == pytest.approx(dens["mask_density"].min())
+    assert spec["data"][0]["zmax"] == pytest.approx(dens["mask_density"].max())
+
+    # bars: mean G - I per layer at the last step (panel 1 of the discrepancy chart)
+    disc = stats.layer_discrepancy(layers[layers["step"] == last])
+    traces = bars(at, "Mean G − I")[0]
+    got = bar_values(traces, "x")
+    expected = disc[(disc["component"] == "llm") & (disc["layer"] == 1)]["discrepancy_mean"]
+    assert got["language model · block 1"] == pytest.approx(float(expected.iloc[0]))
+
+
+def test_step_filters_and_scale_change_what_is_drawn(app_page):
+    at = app_page("layers", query={"runs": ["samples/spider"]})
+    layers = analysis.load_run(SAMPLES / "spider").layers
+    steps = sorted(layers["step"].unique())
+    step = int(steps[len(steps) // 2])
+    at.select_slider[0].set_value(step).run()
+    # only the MLP's down projection: a block's update size is that one tensor's own
+    at.multiselect[1].set_value(["down_proj"]).run()
+    at.radio[0].set_value("absolute 0–1").run()
+    assert not at.exception
+    traces = bars(at, "Update size")[0]
+    got = bar_values(traces, "x")
+    row = layers[(layers["step"] == step)
+                 & (layers["param"].str.endswith("layers.2.mlp.down_proj.weight"))]
+    assert got["language model · block 2"] == pytest.approx(float(row["update_rel_norm"].iloc[0]))
+    assert set(got) == {f"language model · block {i}" for i in range(4)}  # no projector rows
+    spec = heatmaps(at)[0]
+    assert (spec["data"][0]["zmin"], spec["data"][0]["zmax"]) == (0.0, 1.0)
+    at.multiselect[1].set_value([]).run()
+    assert not at.exception and any("at least one" in w.value for w in at.warning)
+
+
+def test_two_runs_side_by_side_share_nothing_they_do_not_have(app_page):
+    at = app_page("layers", query={"runs": ["samples/spider", "samples/full"]})
+    assert not at.exception
+    assert at.selectbox[1].value == str(SAMPLES / "full")
+    assert [s.value for s in at.subheader] == ["samples/spider (spider)", "samples/full (full)"]
+    # full fine-tuning has no importances: said in words, not an empty chart
+    assert any("samples/full (full) records no importances" in i.value for i in at.info)
+    # its mask is "everything free": the heatmap says every value is 1
+    titles = [json.dumps(s["layout"]["title"]) for s in heatmaps(at)]
+    assert "every value is 1" in titles[1]
+    # update sizes of the two runs are drawn on one axis range
+    ranges = [s["layout"]["xaxis"].get("range") for s in charts(at)
+              if "Update size" in json.dumps(s["layout"].get("annotations", []))]
+    assert len(ranges) == 2 and ranges[0] == ranges[1]

@@ -1,0 +1,103 @@
+"""The Learn page (AppTest): its numbers are SPIDER's own, and its widgets change them."""
+
+import pytest
+import torch
+
+from analysis.worked_example import ExampleSettings, run_worked_example
+from spider.methods.spider import SpiderOptions, keep_weight
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _expected(settings: ExampleSettings) -> dict[str, str]:
+    """What the page must show, from spider's keep_weight on the example's theta0 and S."""
+    example = run_worked_example(settings)
+    w, _ = keep_weight(torch.from_numpy(example.theta0),
+                       torch.from_numpy(example.last.grad_sum),
+                       SpiderOptions(**settings.spider_options))
+    n = w.numel()
+    free = int((w > 0).sum())
+    return {
+        "Free to move (w > 0)": f"{free} of {n}",
+        "Pinned to θ0 (w = 0)": f"{n - free} of {n}",
+        "Mean keep-weight w": f"{float(w.mean()):.3f}",
+    }
+
+
+def _check(at, settings: ExampleSettings) -> None:
+    assert not at.exception
+    shown = _metrics(at)
+    for label, value in _expected(settings).items():
+        assert shown[label] == value, label
+
+
+def test_learn_page_explains_and_shows_spiders_mask(app_page):
+    at = app_page("learn")
+    assert not at.exception
+    assert at.title[0].value == "Learn: what SPIDER does"
+    assert any("forgetting" in m.value for m in at.markdown)
+    formulas = " ".join(e.value for e in at.latex)
+    assert r"\dfrac{G}{I+G}" in formulas and r"\theta_0\,(1-w) + \theta\,w" in formulas
+    _check(at, ExampleSettings())
+    # the near-tie table lists the entries with the smallest |G - I| first
+    table = at.dataframe[0].value
+    assert list(table.columns)[:3] == ["row", "col", "G − I"]
+    assert table["G − I"].abs().is_monotonic_increasing
+
+
+def test_sliders_toggles_and_reseed_change_the_mask(app_page):
+    at = app_page("learn")
+    before = _metrics(at)
+    at.slider(key="learn_steps").set_value(25).run()
+    _check(at, ExampleSettings(steps=25))
+    at.select_slider(key="learn_lr").set_value(0.05).run()
+    at.slider(key="learn_noise").set_value(2.5).run()
+    settings = ExampleSettings(steps=25, lr=0.05, noise=2.5)
+    _check(at, settings)
+    assert _metrics(at) != before
+
+    at.toggle(key="learn_binary").set_value(True).run()
+    binary = ExampleSettings(steps=25, lr=0.05, noise=2.5, mask="binary")
+    _check(at, binary)
+    # with a binary mask the mean keep-weight is the share of free weights
+    shown = _metrics(at)
+    free, n = (int(x) for x in shown["Free to move (w > 0)"].split(" of "))
+    assert shown["Mean keep-weight w"] == f"{free / n:.3f}"
+
+    at.toggle(key="learn_binary").set_value(False)
+    at.toggle(key="learn_no_norm").set_value(True).run()
+    _check(at, ExampleSettings(steps=25, lr=0.05, noise=2.5, normalize=False))
+    at.radio(key="learn_accumulate").set_value("fisher").run()
+    _check(at, ExampleSettings(steps=25, lr=0.05, noise=2.5, normalize=False,
+                               accumulate="fisher"))
+
+    at.button(key="learn_reseed").click().run()
+    _check(at, ExampleSettings(steps=25, lr=0.05, noise=2.5, normalize=False,
+                               accumulate="fisher", seed=1))
+    assert any(c.value == "seed 1" for c in at.caption)
+
+
+def test_start_here_links_select_the_sample_runs(app_page):
+    at = app_page("learn")
+    links = {link.proto.label: link.proto for link in at.page_link}
+    assert set(links) == {"Compare", "Layers", "Parameters"}
+    assert "runs=samples%2Fspider" in links["Compare"].query_string
+    assert "runs=samples%2Ffull" in links["Compare"].query_string
+    assert "param=model.language_model.layers.3.mlp.down_proj.weight" in \
+        links["Parameters"].query_string
+    assert not any(link.disabled for link in links.values())
+
+
+def test_a_link_with_runs_selects_them_for_the_next_page(app_page):
+    at = app_page("learn")
+    # a "start here" link: same session, new URL query
+    at.query_params["runs"] = ["samples/spider"]
+    at.query_params["param"] = "model.multi_modal_projector.linear_1.weight"
+    at.switch_page("views/parameters.py").run()
+    assert not at.exception
+    assert at.selectbox[0].value == "samples/spider"
+    assert at.selectbox[1].value == "model.multi_modal_projector.linear_1.weight"

@@ -1,0 +1,152 @@
+"""The Parameters page (AppTest): its numbers equal direct computations from the checkpoint
+files, it says plainly what a run did not keep, and non-SPIDER runs show what they have."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import analysis
+from spider.methods.spider import SpiderOptions, keep_weight
+from spider.rundir import RunDir, group_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "runs"
+DOWN = "model.language_model.layers.3.mlp.down_proj.weight"
+PROJ = "model.multi_modal_projector.linear_1.weight"
+
+
+def _widget(elements, label_start: str):
+    found = [e for e in elements if e.label.startswith(label_start)]
+    assert found, f"no widget labelled {label_start!r}"
+    return found[0]
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _direct_masks(run_dir: Path, param: str, **changes):
+    """The mask as trained and under ``changes``, by spider's keep_weight on theta0 (base
+    model) and S read straight from the last checkpoint's file."""
+    run = analysis.load_run(run_dir)
+    step = run.steps[-1]
+    with safe_open(str(group_file(RunDir(run_dir).checkpoint_dir(step), "method")),
+                   framework="pt") as handle:
+        grad_sum = handle.get_tensor(f"grad_sum/{param}").float()
+    theta0 = run.theta0(param).float()
+    now, _ = keep_weight(theta0, grad_sum, SpiderOptions(**run.options))
+    alt, _ = keep_weight(theta0, grad_sum, SpiderOptions(**{**run.options, **changes}))
+    return now, alt
+
+
+def test_spider_tensor_numbers_and_what_if_equal_direct_computations(app_page):
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    assert not at.exception
+    assert _widget(at.selectbox, "Run").value == "samples/spider"
+    assert _widget(at.selectbox, "Parameter").value == DOWN
+    now, binary = _direct_masks(SAMPLES / "spider", DOWN, mask="binary")
+    shown = _metrics(at)
+    assert shown["Free to move (w > 0)"] == f"{float((now > 0).double().mean()):.2%}"
+    assert shown["Mean keep-weight w"] == f"{float(now.double().mean()):.3f}"
+    assert shown["Shape"] == "×".join(map(str, now.shape))
+    # the what-if opens on the other mask option: binary
+    changed = {k: v for k, v in shown.items() if k.startswith("Weights whose w changes")}
+    assert list(changed.values()) == [f"{int((now != binary).sum()):,}"]
+    assert shown["Switch pinned ↔ free"] == "0"
+    # heatmaps of I, G, w and Δ, one figure within the size budget
+    charts = at.get("plotly_chart")
+    panels = json.loads(charts[0].proto.spec)
+    assert [t["name"] for t in panels["data"]] == ["importance_pre", "importance_ft", "mask",
+                                                  "delta"]
+    assert len(charts[0].proto.spec) < 2_000_000
+
+    at.radio(key="params_whatif_mask").set_value("weighted")
+    at.radio(key="params_whatif_norm").set_value(False).run()
+    assert not at.exception
+    _, raw = _direct_masks(SAMPLES / "spider", DOWN, normalize=False)
+    shown = _metrics(at)
+    changed = [v for k, v in shown.items() if k.startswith("Weights whose w changes")]
+    assert changed == [f"{int((now != raw).sum()):,}"]
+    assert shown[next(k for k in shown if k.startswith("Mean w (as trained"))] == \
+        f"{float(raw.double().mean()):.3f}"
+
+
+def test_search_by_words_and_regex(app_page):
+    at = app_page("parameters", query={"runs": ["samples/spider"]})
+    at.text_input(key="params_query").set_value("projector linear_2").run()
+    options = _widget(at.selectbox, "Parameter").options
+    assert options and all("projector" in o and "linear_2" in o for o in options)
+    at.text_input(key="params_query").set_value(r"layers\.3\..*(gate|up)_proj")
+    at.toggle(key="params_regex").set_value(True).run()
+    options = [o.split("  —")[0] for o in _widget(at.selectbox, "Parameter").options]
+    assert sorted(options) == [
+        "model.language_model.layers.3.mlp.gate_proj.weight",
+        "model.language_model.layers.3.mlp.up_proj.weight"]
+    at.text_input(key="params_query").set_value("([").run()
+    assert not at.exception
+    assert any("is not valid" in e.value for e in at.error)
+
+
+def _copy_keeping_only(source: Path, target: Path, pattern: str) -> None:
+    """A copy of a run whose checkpoints keep only tensors matching ``pattern`` (as a run
+    trained with ``--save-tensors pattern`` would)."""
+    shutil.copytree(source, target)
+    for folder in (target / "checkpoints").iterdir():
+        for group in ("weights", "method"):
+            file = folder / f"{group}.safetensors"
+            with safe_open(str(file), framework="pt") as handle:
+                # method flags (no "/" in the key) belong to no parameter: always kept
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()
+                           if re.search(pattern, k) or (group == "method" and "/" not in k)}
+            save_file(tensors, str(file))
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["save_tensors"] = pattern
+        (folder / "meta.json").write_text(json.dumps(meta))
+    info = json.loads((target / "run.json").read_text())
+    info["config"]["save_tensors"] = pattern
+    (target / "run.json").write_text(json.dumps(info))
+
+
+def test_a_tensor_the_run_did_not_keep_is_said_plainly(app_page, runs_dir):
+    _copy_keeping_only(SAMPLES / "spider", runs_dir / "partial", "multi_modal_projector")
+    at = app_page("parameters", query={"runs": ["partial"], "param": DOWN})
+    assert not at.exception
+    assert _widget(at.selectbox, "Run").value == "partial"
+    assert _widget(at.selectbox, "Parameter").value == DOWN
+    notes = " ".join(i.value for i in at.info)
+    assert "did not save the tensor" in notes and "multi_modal_projector" in notes
+    assert not at.get("plotly_chart")
+    # the parameter's logged statistics are shown instead
+    logged = at.dataframe[0].value
+    assert "mask_density" in logged.columns and len(logged) >= 1
+    # a kept one still draws
+    _widget(at.selectbox, "Parameter").set_value(PROJ).run()
+    assert not at.exception and at.get("plotly_chart")
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "magnitude_mask"])
+def test_runs_of_other_methods_show_what_they_have(app_page, name):
+    if not (SAMPLES / name / "checkpoints").is_dir():
+        pytest.fail(f"sample run {name} has no checkpoints")
+    at = app_page("parameters", query={"runs": [f"samples/{name}"]})
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert "Not available: I (pre-training importance), G (fine-tuning importance)" in text
+    assert "has, per weight: " in text and "the update Δ and the weight θ." in text
+    assert "only SPIDER ranks weights" in text
+    assert not any(s.value.startswith("What if") for s in at.subheader)
+    chart = at.get("plotly_chart")[0]
+    names = [t["name"] for t in json.loads(chart.proto.spec)["data"]]
+    expected = ["mask", "delta"] if name == "magnitude_mask" else ["delta"]
+    assert names == expected
+    run = analysis.load_run(SAMPLES / name)
+    delta = run.tensor(run.steps[-1], _widget(at.selectbox, "Parameter").value, "delta")
+    assert _metrics(at)["Weights unchanged (Δ = 0)"] == f"{float((delta == 0).double().mean()):.2%}"
+    assert torch.is_tensor(delta)

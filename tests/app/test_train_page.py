@@ -1,0 +1,163 @@
+"""The Train page in Streamlit's AppTest: its form, defaults, validation and the run panel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app import jobs
+from spider.train import RunConfig
+
+DEFAULTS = {f.name: f.default for f in RunConfig.__dataclass_fields__.values()}
+
+
+def _errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _launch(at):
+    return next(b for b in at.button if b.label == "Launch")
+
+
+def test_the_form_starts_from_the_runners_defaults(app_page):
+    at = app_page("train")
+    assert not at.exception
+    assert at.number_input(key="train_steps").label == "Steps"
+    assert at.number_input(key="train_steps").value == DEFAULTS["steps"]
+    assert at.number_input(key="train_lr").value == pytest.approx(DEFAULTS["lr"])
+    assert at.number_input(key="train_batch").value == DEFAULTS["batch_size"]
+    assert at.number_input(key="train_eval_every").value == DEFAULTS["eval_every"]
+    assert at.number_input(key="train_save_every").value == DEFAULTS["save_every"]
+    assert at.number_input(key="train_hybrid").value == DEFAULTS["hybrid_ratio"]
+    assert at.multiselect(key="train_methods").value == ["spider"]
+    assert at.selectbox(key="train_task").value == DEFAULTS["data"].removeprefix("builtin:")
+    cuda = "CUDA is available" if torch.cuda.is_available() else "CUDA is not available"
+    assert any(cuda in c.value for c in at.caption)
+    assert not _errors(at) and not _launch(at).disabled
+    # the spider method's options are offered with the method's own defaults and help
+    assert at.text_input(key="train_opt_spider_mask").value == "weighted"
+    assert "G/(I+G)" in at.text_input(key="train_opt_spider_mask").help
+
+
+def test_bad_input_is_refused_with_the_reason_before_anything_starts(app_page, runs_dir,
+                                                                    tmp_path):
+    at = app_page("train")
+    not_a_model = runs_dir / "not-a-model"
+    not_a_model.mkdir()
+    at.radio(key="train_model_choice").set_value("A model folder on this machine").run()
+    at.text_input(key="train_model_path").set_value(str(not_a_model)).run()
+    assert any("has no config.json" in e and "not-a-model" in e for e in _errors(at))
+    assert _launch(at).disabled
+
+    at.radio(key="train_model_choice").set_value("The bundled tiny LLaVA").run()
+    bad = runs_dir / "bad.json"
+    bad.write_text('[{"id": 1, "image": "missing.png", "conversations": []}]')
+    at.radio(key="train_data_choice").set_value("A LLaVA-format JSON file").run()
+    at.text_input(key="train_data_path").set_value(str(bad)).run()
+    assert any("missing.png" in e and "does not exist" in e for e in _errors(at))
+
+    at.radio(key="train_data_choice").set_value("A built-in task").run()
+    at.multiselect(key="train_methods").set_value(["magnitude_mask"]).run()
+    at.number_input(key="train_opt_magnitude_mask_ratio").set_value(2.0).run()
+    assert any("'ratio'" in e and "[0, 1]" in e for e in _errors(at))
+    assert _launch(at).disabled
+
+    at.number_input(key="train_opt_magnitude_mask_ratio").set_value(0.3).run()
+    at.text_input(key="train_name").set_value("../escape").run()
+    assert any("../escape" in e for e in _errors(at))
+    at.text_input(key="train_name").set_value("").run()
+    assert not _errors(at) and not _launch(at).disabled
+    assert not at.exception
+    assert not (runs_dir / ".queue" / "pending").exists() or not any(
+        (runs_dir / ".queue" / "pending").iterdir())  # nothing was queued
+
+
+def test_a_path_outside_the_allowed_folders_is_refused(app_page):
+    at = app_page("train")
+    at.radio(key="train_data_choice").set_value("A LLaVA-format JSON file").run()
+    at.text_input(key="train_data_path").set_value("/etc/passwd").run()
+    assert any("outside the folders" in e for e in _errors(at))
+    assert _launch(at).disabled
+
+
+def test_launch_queues_one_run_per_method_with_the_forms_settings(app_page, runs_dir,
+                                                                  monkeypatch):
+    # nothing should actually train in this test: no supervisor is started
+    monkeypatch.setattr(jobs, "ensure_supervisor", lambda root: False)
+    at = app_page("train")
+    at.number_input(key="train_steps").set_value(10).run()
+    at.multiselect(key="train_methods").set_value(["spider", "full"]).run()
+    at.text_input(key="train_opt_spider_mask").set_value("binary").run()
+    at.text_input(key="train_name").set_value("mine").run()
+    _launch(at).click().run()
+    assert not at.exception and not _errors(at)
+    queued = jobs.pending_jobs(runs_dir)
+    assert [j.name for j in queued] == ["mine-spider", "mine-full"]
+    args = queued[0].args
+    assert args[args.index("--steps") + 1] == "10"
+    assert args[args.index("--method") + 1] == "spider"
+    assert "mask=binary" in args
+    assert queued[1].args[queued[1].args.index("--method") + 1] == "full"
+    # the panel shows the queue
+    assert at.selectbox(key="train_watch_run").value == "mine-spider"
+    assert any("Queued" in i.value for i in at.info)
+    assert any(b.label == "Cancel" for b in at.button)
+    next(b for b in at.button if b.label == "Cancel").click().run()
+    assert [j.name for j in jobs.pending_jobs(runs_dir)] == ["mine-full"]
+
+
+def _run(runs_dir: Path, name: str, **info) -> Path:
+    run = runs_dir / name
+    run.mkdir()
+    base = {"schema_version": 2, "config": {"steps": 10, "data": "builtin:counting"},
+            "method": "spider", "progress": {"step": 4, "steps": 10}}
+    (run / "run.json").write_text(json.dumps({**base, **info}))
+    return run
+
+
+def test_the_panel_shows_how_each_run_ended(app_page, runs_dir):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _run(runs_dir, "failed-run", status="failed",
+         error="loss is not finite at step 3; try a lower --lr")
+    time.sleep(0.01)
+    _run(runs_dir, "killed-run", status="running", pid=gone.pid)
+    at = app_page("train")
+    assert not at.exception
+    assert at.selectbox(key="train_watch_run").options[:2] == ["killed-run", "failed-run"]
+    assert any("**killed-run**" in m.value and "stopped unexpectedly" in m.value
+               for m in at.markdown)
+    assert any("Stopped unexpectedly" in w.value for w in at.warning)
+    assert any(b.label == "Resume" for b in at.button)
+
+    at.selectbox(key="train_watch_run").set_value("failed-run").run()
+    (error,) = _errors(at)
+    assert error.endswith("Failed: loss is not finite at step 3; try a lower --lr")
+    assert not any(b.label in ("Resume", "Cancel") for b in at.button)
+    assert "Traceback" not in error
+
+
+def test_with_no_earlier_run_of_the_model_a_short_timing_gives_the_estimate(app_page, runs_dir):
+    import shutil
+
+    from spider.train import DEFAULT_MODEL
+
+    model = runs_dir / "my-model"  # a copy: no run was ever made from this folder
+    shutil.copytree(DEFAULT_MODEL, model, ignore=shutil.ignore_patterns("README.md"))
+    at = app_page("train")
+    at.radio(key="train_model_choice").set_value("A model folder on this machine").run()
+    at.text_input(key="train_model_path").set_value(str(model)).run()
+    assert not _errors(at)
+    assert any("No earlier run of this model" in i.value for i in at.info)
+    next(b for b in at.button if b.key == "train_measure").click().run(timeout=600)
+    assert not at.exception and not _errors(at)
+    (estimate,) = [i.value for i in at.info if i.value.startswith("Estimated time")]
+    assert "from 1 earlier run of this model" in estimate
+    timing_runs = list((runs_dir / ".queue" / "timings").iterdir())
+    assert len(timing_runs) == 1 and (timing_runs[0] / "run.json").exists()
