@@ -35,8 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 import plotly.io as pio  # noqa: E402
 
-from analysis import explore  # noqa: E402
-from analysis import explore_figures as xfig  # noqa: E402
 from app import jobs, watch  # noqa: E402
 from spider.rundir import RunDir  # noqa: E402
 
@@ -51,19 +49,10 @@ def refresh(root: Path, watcher: watch.RunWatch, figures: dict) -> None:
     for run_dir in jobs.iter_user_runs(root):
         jobs.run_status(run_dir)
     snap = watcher.poll()
-    if snap.changed or not figures:
-        figures.clear()
-        if not snap.train.empty:
-            figures["loss"] = xfig.compare_loss_curves(explore.loss_curves_frame(snap.train))
-        if not snap.metrics.empty:
-            figures["scores"] = xfig.compare_score_curves(
-                explore.score_curves_frame(snap.metrics, snap.train))
-        if not snap.layers.empty:
-            matrix = explore.layer_step_matrix(snap.layers, "mask_density")
-            figures["heat"] = xfig.layer_step_heatmap(
-                matrix, "mask_density", explore.fitted_range(matrix["mask_density"]))
-    for fig in figures.values():
-        pio.to_json(fig, validate=False)  # what st.plotly_chart serialises on every rerun
+    watch.live_figures(watcher, snap, figures)  # as the page: each rebuilt when its lines came
+    for _, fig in figures.values():
+        if fig is not None:
+            pio.to_json(fig, validate=False)  # what st.plotly_chart serialises on every rerun
 
 
 def train(root: Path, name: str, steps: int, watched: bool, batch_size: int

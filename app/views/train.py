@@ -16,8 +16,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis import explore
-from analysis import explore_figures as xfig
 from app import common, jobs, watch
 from spider.data import builtin_names
 from spider.errors import UserError
@@ -332,25 +330,9 @@ def _watcher(run_dir: Path) -> watch.RunWatch:
 
 
 def _figures(run_dir: Path, snap: watch.Snapshot, w: watch.RunWatch):
-    """The run's loss, score and mask-density figures, rebuilt only when lines came in."""
-    cache = st.session_state.setdefault(_FIGS_KEY, {})
-    offsets = (w.metrics_tail.offset, w.layers_tail.offset, w.metrics_tail.inode)
-    cached = cache.get(str(run_dir))
-    if cached and cached[0] == offsets:
-        return cached[1]
-    loss = xfig.compare_loss_curves(explore.loss_curves_frame(snap.train)) \
-        if not snap.train.empty else None
-    scores = xfig.compare_score_curves(explore.score_curves_frame(snap.metrics, snap.train)) \
-        if not snap.metrics.empty else None
-    heat = None
-    if not snap.layers.empty:
-        matrix = explore.layer_step_matrix(snap.layers, "mask_density")
-        heat = xfig.layer_step_heatmap(
-            matrix, "mask_density", explore.fitted_range(matrix["mask_density"]),
-            title="Share of weights free to move (w > 0), per layer, as statistics arrive")
-    figures = tuple(None if f is None else watch.light_figure(f) for f in (loss, scores, heat))
-    cache[str(run_dir)] = (offsets, figures)
-    return figures
+    """The run's loss, score and mask-density figures, each rebuilt only when its lines came."""
+    cache = st.session_state.setdefault(_FIGS_KEY, {}).setdefault(str(run_dir), {})
+    return watch.live_figures(w, snap, cache)
 
 
 def _status_line(root: Path, name: str, state: str, snap: watch.Snapshot | None) -> None:
