@@ -670,10 +670,13 @@ def _check_run(run: Run) -> tuple[list[str], pd.DataFrame | None]:
     except UserError as err:
         problems.append(str(err))
     running = run.status in (rundir.RUNNING, rundir.STOPPED_UNEXPECTEDLY)
-    for file, reader in ((run._dir.metrics_file, run._events),
-                         (run._dir.layers_file, run._dir.read_layers)):
+    # Build the very frames the pages use (not only parse the lines), so that a row lacking
+    # a field is found here and not first on a page that then fails.
+    frames = {run._dir.metrics_file: lambda: (run.metrics, run.train),
+              run._dir.layers_file: lambda: run.layers}
+    for file, build in frames.items():
         try:
-            _read(reader)
+            build()
         except UserError as err:
             problems.append(str(err))
             continue
@@ -683,7 +686,9 @@ def _check_run(run: Run) -> tuple[list[str], pd.DataFrame | None]:
         problems.append(f"{run._dir.metrics_file} is missing although the run is done")
     try:
         summary = run.summary
-    except (UserError, KeyError, ValueError, TypeError) as err:
+    except UserError:
+        pass  # already named above: summary is built from the metrics frame
+    except (KeyError, ValueError, TypeError) as err:
         problems.append(f"{run._dir.metrics_file} has malformed events ({err})")
     for step in run.steps:
         try:

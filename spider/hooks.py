@@ -1,4 +1,5 @@
-"""The fine-tuning run's loop hooks: evaluator, statistics logger, checkpointer, progress, stop.
+"""The fine-tuning run's loop hooks: steps done, evaluator, statistics logger, checkpointer,
+progress, stop.
 
 ``spider.train`` composes these around the project's one loop (``spider.loop.train_loop``);
 each does one job and writes through :mod:`spider.rundir`. Under several processes they
@@ -313,6 +314,18 @@ class ProgressReporter(LoopHooks):
                   f"  {rate:.2f} it/s  ETA {eta_text}", file=sys.stderr)
         self.info.update_progress(step=step, steps=self.steps, loss=record["loss"],
                                   it_per_s=rate, eta_s=eta)
+
+
+class StepsDone(LoopHooks):
+    """The steps trained so far. Listed first among the hooks, so that when a later hook
+    fails (a checkpoint write on a full disk) the failure names the step the weights
+    reached, not the one the progress line last reported."""
+
+    def __init__(self, start_step: int):
+        self.step = start_step
+
+    def after_step(self, step: int, record: dict) -> None:
+        self.step = step
 
 
 class StopOnSignal(LoopHooks):

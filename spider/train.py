@@ -15,7 +15,8 @@
 3. **Train** with the project's one loop (``spider.loop.train_loop``) and four hooks
    (``spider.hooks``): the statistics logger (``layers.jsonl`` every ``--log-every`` steps),
    the evaluator (step 0, every ``--eval-every`` steps), the checkpointer (every
-   ``--save-every`` steps) and the progress reporter; a fifth stops on SIGTERM.
+   ``--save-every`` steps) and the progress reporter; a fifth stops on SIGTERM (listening
+   from phase 2 on, when there is something to keep whole).
 4. **End** — the method finalizes (DARE, WiSE-FT, Tailor act here; LoRA merges), the last
    statistics, evaluation and checkpoint are taken after it, and ``run.json`` gets the
    summary (U, D, H, E, F, O) and status ``done``.
@@ -52,6 +53,7 @@ from spider.hooks import (
     Evaluator,
     ProgressReporter,
     StatisticsLogger,
+    StepsDone,
     StopOnSignal,
 )
 from spider.loop import BatchSampler, LoopConfig, add_config_flags, make_optimizer, train_loop
@@ -243,6 +245,17 @@ class Model:
     train_model: torch.nn.Module  # what the loop calls: a DDP wrapper, or the model itself
 
 
+def check_finite_weights(model: torch.nn.Module, given: str) -> None:
+    """A base model holding NaN or inf is the model's fault, not the run's: say so before
+    anything is written (otherwise the first step's loss is not finite and --lr is blamed)."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise UserError(f"--model {given}: the weight {name} holds {bad} value(s) that "
+                            "are not finite (NaN or inf); fine-tune a model with finite "
+                            "weights")
+
+
 def load_model_and_method(cfg: RunConfig, dist: Dist, device: torch.device) -> Model:
     from spider.methods import build_method, method_class
     from spider.models import load_model, select_trainable
@@ -250,6 +263,7 @@ def load_model_and_method(cfg: RunConfig, dist: Dist, device: torch.device) -> M
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model, device=str(device),
                                   dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    check_finite_weights(model, cfg.model)
     parts = [p.strip() for p in cfg.train.split(",") if p.strip()]
     trainable = select_trainable(model, parts, cfg.train_last_layers or None)
     try:
@@ -330,76 +344,91 @@ def train(cfg: RunConfig, resume: bool = False, dist: Dist | None = None,
     # theta0 of every trained tensor, for update norms (effective weights: LoRA merged)
     theta0 = {n: t.detach().clone() for n, t in method.effective_weights().items()}
 
-    # -- 2. the run directory: a new run.json, or the saved state to continue from
-    info = RunInfoWriter(run, {}, enabled=dist.is_main)
-    checkpointer = Checkpointer(method, optimizer, cfg.save_every, cfg.steps, cfg.save_dtype,
-                                cfg.save_tensors, run, dist, device)
-    start = checkpointer.restore() if resume else 0
-    if start > 0:
-        info.info = {k: v for k, v in run.read_run().items() if k not in ("error", "ended")}
-        info.update(status=RUNNING, **process_record(), resumed_at_step=start)
-    else:  # a new run, or one that never trained: (again) from the start, in place
-        if dist.is_main and resume:
-            # killed before its first resume state: what it wrote is re-made exactly
-            print(f"{run.path} has no saved resume state yet; starting it again from step 0",
-                  file=sys.stderr)
-        if dist.is_main and not run.is_empty():
-            run.clear()
-        info.update(**new_run_info(cfg, model, run, dist, device),
-                    downstream_eval=data.eval_source)
-    dist.barrier()  # nobody trains before process 0 has set the run directory up
+    # -- 2. the run directory: a new run.json, or the saved state to continue from. From
+    # here on SIGTERM asks the run to stop at its next safe point instead of killing it
+    # mid-write; before, nothing is written and the default (exit at once) loses nothing.
+    with StopOnSignal(dist) as stop:
+        info = RunInfoWriter(run, {}, enabled=dist.is_main)
+        checkpointer = Checkpointer(method, optimizer, cfg.save_every, cfg.steps,
+                                    cfg.save_dtype, cfg.save_tensors, run, dist, device)
+        start = checkpointer.restore() if resume else 0
+        if start > 0:
+            info.info = {k: v for k, v in run.read_run().items() if k not in ("error", "ended")}
+            info.update(status=RUNNING, **process_record(), resumed_at_step=start)
+        else:  # a new run, or one that never trained: (again) from the start, in place
+            if dist.is_main and resume:
+                # killed before its first resume state: what it wrote is re-made exactly
+                print(f"{run.path} has no saved resume state yet; starting it again from "
+                      "step 0", file=sys.stderr)
+            if dist.is_main and not run.is_empty():
+                run.clear()
+            info.update(**new_run_info(cfg, model, run, dist, device),
+                        downstream_eval=data.eval_source)
+        dist.barrier()  # nobody trains before process 0 has set the run directory up
+        with info.heartbeat():
+            return _train_steps(cfg, model, data, get_batch, optimizer, theta0, run, info,
+                                checkpointer, stop, start, dist, device)
 
-    # -- 3. train: the loop, with statistics, evaluation, checkpoints and progress as hooks
+
+def _train_steps(cfg: RunConfig, model: Model, data: RunData, get_batch, optimizer,
+                 theta0: dict[str, torch.Tensor], run: RunDir, info: RunInfoWriter,
+                 checkpointer: Checkpointer, stop: StopOnSignal, start: int, dist: Dist,
+                 device: torch.device) -> dict:
+    """Phases 3 and 4 of :func:`train`: the loop with its hooks, then the end."""
+    method = model.method
     evaluator = Evaluator(method, model.processor, data.eval_sets, cfg.eval_limit,
                           cfg.eval_every, cfg.steps, run, info, dist, lambda: get_batch(0, 0))
     statistics = StatisticsLogger(method, theta0, cfg.log_every, cfg.save_every, cfg.steps,
                                   run, dist, device)
     progress = ProgressReporter(cfg.log_every, cfg.steps, start, info, evaluator, dist)
-    step = start
-    with StopOnSignal(dist) as stop, info.heartbeat():
-        try:
-            if start == 0:
-                evaluator.evaluate(0)
+    done = StepsDone(start)
+    try:
+        if start == 0:
+            evaluator.evaluate(0)
+        step = start
+        if not stop.should_stop():  # a SIGTERM while setting up: stop before the first step
             progress.start()
             method.collect_statistics = statistics.logs_at(start + 1)
             model.train_model.train()
             step = train_loop(model.train_model, method, optimizer, get_batch, cfg,
-                              [statistics, evaluator, checkpointer, progress, stop],
+                              [done, statistics, evaluator, checkpointer, progress, stop],
                               start_step=start, device=device, dist=dist)
-            statistics.flush()
-            if step < cfg.steps:  # -- 4a. stopped by SIGTERM: save, say how to continue
+        statistics.flush()
+        if step < cfg.steps:  # -- 4a. stopped by SIGTERM: save, say how to continue
+            if step > start:
                 checkpointer.save(step)
-                info.update(status=CANCELLED, ended=time.time())
-                info.update_progress(step=step, saved_step=step)
-                raise RunCancelled(f"stopped at step {step} of {cfg.steps} and saved; "
-                                   f"continue with: {_resume_command(run)}")
-            # -- 4b. the end: finalize, then the last statistics, evaluation and checkpoint
-            method.finalize()
-            statistics.log_final(step)
-            final = evaluator.evaluate(step)
-            checkpointer.save(step, finalized=True)
-            if dist.is_main:
-                info.update(status=DONE, ended=time.time(), summary=_summary(run, final))
-                run.remove_resume()  # a finished run is never resumed: free the space
-            dist.barrier()
-            return info.info
-        except RunCancelled:
-            raise
-        except BaseException as err:
-            failure = _as_failure(err, progress.step, device)
-            status = CANCELLED if isinstance(err, KeyboardInterrupt) else FAILED
-            # on a full disk these writes may fail too: the error that ended the run is the
-            # one to report (run.json then keeps "running", read as stopped unexpectedly)
-            with contextlib.suppress(OSError):
-                statistics.flush()
-            with contextlib.suppress(OSError):
-                info.update(status=status, ended=time.time(), error=str(failure or err) if
-                            failure or isinstance(err, UserError)
-                            else f"{type(err).__name__}: {err}")
-                info.update_progress(step=progress.step, saved_step=checkpointer.last_saved)
-            if failure is not None:
-                raise failure from None
-            raise
+            info.update(status=CANCELLED, ended=time.time())
+            info.update_progress(step=step, saved_step=checkpointer.last_saved)
+            raise RunCancelled(f"stopped at step {step} of {cfg.steps}"
+                               + (" and saved" if step > start else "")
+                               + f"; continue with: {_resume_command(run)}")
+        # -- 4b. the end: finalize, then the last statistics, evaluation and checkpoint
+        method.finalize()
+        statistics.log_final(step)
+        final = evaluator.evaluate(step)
+        checkpointer.save(step, finalized=True)
+        if dist.is_main:
+            info.update(status=DONE, ended=time.time(), summary=_summary(run, final))
+            run.remove_resume()  # a finished run is never resumed: free the space
+        dist.barrier()
+        return info.info
+    except RunCancelled:
+        raise
+    except BaseException as err:
+        failure = _as_failure(err, done.step, device)
+        status = CANCELLED if isinstance(err, KeyboardInterrupt) else FAILED
+        # on a full disk these writes may fail too: the error that ended the run is the
+        # one to report (run.json then keeps "running", read as stopped unexpectedly)
+        with contextlib.suppress(OSError):
+            statistics.flush()
+        with contextlib.suppress(OSError):
+            info.update(status=status, ended=time.time(), error=str(failure or err) if
+                        failure or isinstance(err, UserError)
+                        else f"{type(err).__name__}: {err}")
+            info.update_progress(step=done.step, saved_step=checkpointer.last_saved)
+        if failure is not None:
+            raise failure from None
+        raise
 
 
 def _as_failure(err: BaseException, step: int, device: torch.device

@@ -86,10 +86,28 @@ def inject_nan_gradient(at_step: int) -> None:
     torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
 
 
+def inject_sigterm_at_first_evaluation() -> None:
+    """Send this process SIGTERM as its step-0 evaluation starts: after run.json is
+    written, before the first training step (the window a 'stop' button can hit while a
+    large model loads its evaluation)."""
+    import signal
+
+    import spider.hooks
+
+    original = spider.hooks.Evaluator.evaluate
+
+    def evaluate(self, step):
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step)
+
+    spider.hooks.Evaluator.evaluate = evaluate
+
+
 def child(argv: list[str], log: str, faults: dict | None = None) -> int:
     """Body of a forked child: ``python -m spider.train ARGV`` with its output in ``log``,
     after injecting ``faults`` (``{"enospc_on_save_call": K}``, ``{"nan_gradient_at_step":
-    K}``)."""
+    K}``, ``{"sigterm_at_first_evaluation": True}``)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -104,6 +122,8 @@ def child(argv: list[str], log: str, faults: dict | None = None) -> int:
         inject_enospc(int(faults["enospc_on_save_call"]))
     if "nan_gradient_at_step" in faults:
         inject_nan_gradient(int(faults["nan_gradient_at_step"]))
+    if faults.get("sigterm_at_first_evaluation"):
+        inject_sigterm_at_first_evaluation()
     try:
         main(argv)
         return 0

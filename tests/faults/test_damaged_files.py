@@ -62,6 +62,11 @@ def _replace_line(file: Path, index: int, text: str) -> None:
     file.write_text("".join(lines))
 
 
+def _first_train_line(file: Path) -> int:
+    lines = file.read_text().splitlines()
+    return next(i for i, line in enumerate(lines) if '"event": "train"' in line)
+
+
 # name -> (what to do to the run, the file the errors must name, reads that must fail,
 #          whether list_runs must flag the run[, reads that return something else: value])
 CASES = {
@@ -95,6 +100,14 @@ CASES = {
         lambda r: _replace_line(r / "metrics.jsonl", 0, '{"event": "eval", "step": "zero", '
                                 '"split": "upstream", "metric": "score", "value": 1}'),
         "metrics.jsonl", {"metrics", "summary"}, True),
+    # every line is valid JSON, but a row lacks the fields a table needs
+    "metrics.jsonl train row without a step": (
+        lambda r: _replace_line(r / "metrics.jsonl", _first_train_line(r / "metrics.jsonl"),
+                                '{"event": "train", "loss": null}'),
+        "metrics.jsonl", {"train"}, True),
+    "layers.jsonl empty row": (
+        lambda r: _replace_line(r / "layers.jsonl", 5, "{}"),
+        "layers.jsonl", {"layers"}, True),
     "layers.jsonl line malformed": (
         lambda r: _replace_line(r / "layers.jsonl", 5, "not json at all"),
         "layers.jsonl", {"layers"}, True),

@@ -30,9 +30,11 @@ from harness import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _check_failed_cleanly(path: Path, child: Trainer, code: int, reference
-                          ) -> tuple[list[str], list[str]]:
-    """``(problems, data lost)`` of a run that met a full disk (empty lists: none)."""
+def _check_failed_cleanly(path: Path, child: Trainer, code: int, reference,
+                          step: int | None = None) -> tuple[list[str], list[str]]:
+    """``(problems, data lost)`` of a run that met a full disk (empty lists: none); when
+    ``step`` is given, the write failed after that step, and the message and run.json's
+    progress must both say so."""
     problems = []
     output = child.output()
     lines = [line for line in output.splitlines() if line.strip()]
@@ -50,6 +52,11 @@ def _check_failed_cleanly(path: Path, child: Trainer, code: int, reference
     info = json.loads((path / "run.json").read_text())
     if "space" not in str(info.get("error", "")).lower():
         problems.append(f"run.json's error does not say the disk is full: {info.get('error')}")
+    if step is not None:
+        if f"after step {step};" not in (lines or [""])[-1]:
+            problems.append(f"the message does not name step {step}: {lines[-1:]}")
+        if info.get("progress", {}).get("step") != step:
+            problems.append(f"run.json's progress says step {info.get('progress')}, not {step}")
     if not found.checkpoints:
         problems.append("no checkpoint before the disk filled (the test's size is wrong)")
     lost = differences(found, reference)  # every complete checkpoint equals the reference
@@ -70,23 +77,24 @@ def _resume_to_the_end(path: Path, log: Path, reference) -> tuple[list[str], lis
 def test_a_checkpoint_write_failing_with_enospc_fails_the_run_cleanly(tmp_path, reference):
     ref, _ = reference
     problems, lost, tried = [], [], 0
-    # the 3rd and 5th safetensors file of the run: inside the step-2 resume state (after
-    # the step-2 checkpoint) and inside the step-4 checkpoint
-    for on_call in (3, 5):
+    # each save writes 5 safetensors files: the checkpoint's weights and method state, then
+    # the resume state's weights, method state and optimizer. The 3rd is inside the step-2
+    # resume state (after the step-2 checkpoint), the 7th inside the step-4 checkpoint.
+    for on_call, step in ((3, 2), (7, 4)):
         tried += 1
         path = tmp_path / f"run-{on_call}"
         child = Trainer(["--output-dir", str(path), *TINY], tmp_path / f"{on_call}.log",
                         faults={"enospc_on_save_call": on_call})
         code = child.wait()
         for stage, (found, gone) in (
-                ("", _check_failed_cleanly(path, child, code, ref)),
+                ("", _check_failed_cleanly(path, child, code, ref, step)),
                 (", then --resume", _resume_to_the_end(path, tmp_path / f"{on_call}-r.log",
                                                        ref))):
             problems += [f"ENOSPC at file write {on_call}{stage}: {p}" for p in found]
             lost += gone
     record("a checkpoint file write fails with ENOSPC (part of the file written)", "full disk",
-           tried, "exit 1, one 'failed:' line naming the full disk, status failed, earlier "
-           "checkpoints equal to the uninterrupted run's; --resume then ends like it",
+           tried, "exit 1, one 'failed:' line naming the full disk and the step the weights "
+           "reached (as run.json's progress does), status failed, earlier checkpoints equal to the uninterrupted run's; --resume then ends like it",
            problems, data_lost=len(lost))
     assert not problems, problems
 

@@ -171,3 +171,32 @@ def test_a_kill_during_the_first_run_json_write_does_not_strand_the_folder(tmp_p
            1, "the same command starts it again in place and ends like an uninterrupted run",
            problems, data_lost=0)
     assert not problems, problems
+
+
+def test_sigterm_before_the_first_step_ends_cancelled_and_resumes(tmp_path, reference):
+    """SIGTERM after run.json is written but before the first step (here: as the step-0
+    evaluation starts) is heard, not fatal: the run ends cancelled with exit 130 and the
+    command to continue, and that command then ends like an uninterrupted run."""
+    ref, _ = reference
+    path = tmp_path / "run"
+    child = Trainer(["--output-dir", str(path), *TINY], tmp_path / "run.log",
+                    faults={"sigterm_at_first_evaluation": True})
+    code = child.wait()
+    problems = []
+    last = next((line for line in reversed(child.output().splitlines()) if line.strip()), "")
+    if code != 130 or f"--output-dir {path} --resume" not in last:
+        problems.append(f"exit {code}, last line {last!r}")
+    info = json.loads((path / "run.json").read_text())
+    if info.get("status") != "cancelled" or info.get("progress", {}).get("step") != 0:
+        problems.append(f"status {info.get('status')}, progress {info.get('progress')}")
+    if not problems:
+        resumed = Trainer(["--output-dir", str(path), "--resume"], tmp_path / "resume.log")
+        if (code := resumed.wait()) != 0:
+            problems.append(f"--resume exited {code}: {resumed.output()[-400:]}")
+        else:
+            found = read_back(path)
+            problems += differences(found, ref) + [f"lacks {m}" for m in missing(found, ref)]
+    record("SIGTERM before the first step (during the step-0 evaluation)", "process killed", 1,
+           "exit 130, status cancelled at step 0, the --resume command printed; it then ends "
+           "like an uninterrupted run", problems, data_lost=0)
+    assert not problems, problems
