@@ -68,6 +68,16 @@ def _empty(title: str, message: str, height: int = 300) -> go.Figure:
 _X_TITLES = {"step": "training step", "time_s": "training time (s, evaluations excluded)"}
 
 
+def step_axis(steps) -> dict:
+    """Axis settings for training steps: whole numbers only. Left to itself, plotly puts a
+    tick at every half step when only a few steps are shown (one logged step: 0.5, 1, 1.5)."""
+    values = np.asarray(steps, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size and values.max() - values.min() <= 10:
+        return {"tickmode": "linear", "tick0": 0, "dtick": 1}
+    return {"tickformat": ",d"}
+
+
 def _axis_name(kind: str, index: int) -> str:
     """``xaxis``, ``xaxis2``... (layout key) for subplot ``index`` (1-based)."""
     return f"{kind}axis{index if index > 1 else ''}"
@@ -143,6 +153,8 @@ def compare_score_curves(curves: pd.DataFrame, colors: Mapping[str, str] | None 
     layout = _panel_layout(1, 2)
     for col in (1, 2):
         layout[_axis_name("x", col)]["title"] = {"text": _X_TITLES[x]}
+        if x == "step":
+            layout[_axis_name("x", col)].update(step_axis(curves["step"]))
         layout[_axis_name("y", col)].update(
             type="log" if log_y else "linear", range=None if log_y else [0, 1.02],
             title={"text": "score (0–1)" if col == 1 else ""})
@@ -172,7 +184,9 @@ def compare_loss_curves(loss: pd.DataFrame, colors: Mapping[str, str] | None = N
         line = loss[loss["run"] == run].sort_values("step")
         method = str(line["method"].iloc[0])
         fig.add_trace(go.Scatter(
-            x=line[x].to_numpy(float), y=line["loss"].to_numpy(np.float32), mode="lines",
+            x=line[x].to_numpy(float), y=line["loss"].to_numpy(np.float32),
+            # a line needs two points: a run with one logged step shows it as a dot
+            mode="lines" if len(line) > 1 else "markers",
             name=f"{run} ({method})", line={"color": _color(colors, run), "width": 1.5},
             customdata=line["step"].to_numpy(),
             hovertemplate=(f"<b>{html.escape(str(run))}</b> ({html.escape(method)})<br>"
@@ -184,6 +198,8 @@ def compare_loss_curves(loss: pd.DataFrame, colors: Mapping[str, str] | None = N
                "type": "log" if log_y else "linear"},
         legend_title_text="run (method)", height=380,
     )
+    if x == "step":
+        fig.update_xaxes(**step_axis(loss["step"]))
     return fig
 
 
@@ -272,6 +288,7 @@ def layer_step_heatmap(matrix: pd.DataFrame, value: str, zrange: tuple[float, fl
                               "x1": step, "y0": 0, "y1": 1,
                               "line": {"color": "white", "width": 2, "dash": "dot"}}]
     fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_xaxes(**step_axis(steps))
     finite = z.to_numpy(float)
     finite = finite[np.isfinite(finite)]
     note = f"colour range {zrange[0]:.3g} – {zrange[1]:.3g}"

@@ -18,11 +18,12 @@ from analysis.run import list_runs, load_run
 from spider.errors import UserError
 
 OVERVIEW_COLUMNS = (
-    "path", "name", "method", "options", "data", "status", "steps", "checkpoints",
-    "U", "D", "H", "E", "F", "O", "ok", "problem",
+    "path", "name", "method", "options", "data", "evaluated_on", "status", "steps",
+    "checkpoints", "U", "D", "H", "E", "F", "O", "ok", "problem",
 )
 """Columns of :func:`run_overview`. ``status`` is ``damaged`` where the run's files cannot be
-read (``problem`` says which), else the run's status as :func:`analysis.list_runs` gives it."""
+read (``problem`` says which), else the run's status as :func:`analysis.list_runs` gives it.
+``evaluated_on`` is the downstream evaluation data (:func:`eval_text`)."""
 
 _SCORES = ("U", "D", "H", "E", "F", "O")
 
@@ -54,6 +55,26 @@ def data_text(config: dict) -> str:
     return data
 
 
+def eval_text(info: dict) -> str:
+    """What the run's downstream score was measured on, in a few words: the data's test
+    split, the separate ``--eval-data``, or the records held out of a JSON training file.
+    Runs from before run.json recorded it: inferred from the config where the rule is
+    certain (a built-in dataset is evaluated on its test split), else empty."""
+    source = info.get("downstream_eval")
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    if not isinstance(source, dict):
+        if config.get("eval_data"):
+            return str(config["eval_data"])
+        data = str(config.get("data") or "")
+        return "test split" if data.startswith("builtin:") else ""
+    kind, examples = source.get("kind"), source.get("examples")
+    if kind == "held_out":
+        return f"{examples} of {source.get('of')} records, held out of training"
+    if kind == "eval_data":
+        return f"{source.get('data')} ({examples} examples)"
+    return f"test split ({examples} examples)" if examples else "test split"
+
+
 def run_overview(path: str | os.PathLike) -> pd.DataFrame:
     """One row (columns :data:`OVERVIEW_COLUMNS`) for the run directory ``path``.
 
@@ -77,6 +98,7 @@ def run_overview(path: str | os.PathLike) -> pd.DataFrame:
         run = load_run(path)
         row["options"] = options_text(run.method, run.options)
         row["data"] = data_text(run.config)
+        row["evaluated_on"] = eval_text(run.info)
         if row["ok"]:
             summary = run.summary
             if not summary.empty:
@@ -96,6 +118,6 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     frame["ok"] = frame["ok"].astype(bool)
     for column in _SCORES:
         frame[column] = frame[column].astype(float)
-    for column in ("name", "method", "options", "data", "status", "problem"):
+    for column in ("name", "method", "options", "data", "evaluated_on", "status", "problem"):
         frame[column] = frame[column].fillna("").astype(str)
     return frame

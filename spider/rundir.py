@@ -645,7 +645,16 @@ class RunDir:
                            "optimizer_scalars": state.optimizer_scalars})
 
     def remove_resume(self) -> None:
-        shutil.rmtree(self.resume_dir, ignore_errors=True)
+        """Remove the resume state (a finished run is never resumed). Renamed away first,
+        so that a kill during the removal leaves no half state, only a ``.tmp-`` folder."""
+        if not self.resume_dir.exists():
+            return
+        doomed = self.path / f"{_TMP_PREFIX}{RESUME}-removed-{os.getpid()}"
+        try:
+            os.replace(self.resume_dir, doomed)
+        except OSError:
+            doomed = self.resume_dir
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def read_resume(self) -> tuple[dict, dict[str, dict[str, torch.Tensor]]] | None:
         """``(meta, groups)`` of the resume state, or None when the run never saved one.

@@ -170,6 +170,10 @@ def check_output_dir(run: RunDir, resume: bool) -> None:
     if resume:
         status = effective_status(run.read_run())
         if status == DONE:
+            # a kill after the end may have left the resume state or a temporary behind:
+            # a done run is never resumed and nothing writes it, so they can go
+            run.remove_resume()
+            run.remove_temporaries()
             raise UserError(f"the run in {run.path} is already done")
         if status == RUNNING:
             info = run.read_run()

@@ -22,6 +22,7 @@ _FIRST_CHOICE = ("spider", "full", "hybrid", "magnitude_mask", "lora", "wise_ft"
 _TABLE_COLUMNS = {
     "id": "run", "method": "method", "status": "status", "U": "U", "D": "D", "H": "H",
     "E": "E", "F": "F", "O": "O", "steps": "steps", "options": "options", "data": "data",
+    "evaluated_on": "D measured on",
 }
 
 st.title("Compare runs")
@@ -97,6 +98,9 @@ st.dataframe(
         "run": st.column_config.TextColumn(width="medium"),
         "options": st.column_config.TextColumn(width="small"),
         "data": st.column_config.TextColumn(width="medium"),
+        "D measured on": st.column_config.TextColumn(
+            width="medium", help="the downstream evaluation data: the task's test split, "
+            "a separate --eval-data file, or records held out of the training file"),
         "steps": st.column_config.NumberColumn(help="training steps done", width="small"),
         **{k: st.column_config.NumberColumn(format="%.3f", width="small") for k in "UDHEFO"},
     },

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from analysis import overview
 from app import common, jobs, watch
 from spider.data import builtin_names
 from spider.errors import UserError
@@ -428,6 +429,9 @@ def live_panel(root: Path) -> None:
     config = info.get("config") or {}
     what = " · ".join(str(x) for x in (info.get("method"), config.get("data")) if x)
     st.markdown(f"**{name}** — {_STATE_LABELS.get(state, state)}" + (f" · {what}" if what else ""))
+    evaluated_on = overview.eval_text(info) if info else ""
+    if evaluated_on:
+        st.caption(f"Downstream score (D) measured on: {evaluated_on}.")
     snap = None
     if (run_dir / "run.json").exists():
         w = _watcher(run_dir)

@@ -156,6 +156,24 @@ def test_layer_step_matrix_and_fitted_range():
     assert list(fig.data[0].y) == ["language model · outside blocks", "language model · block 0"]
 
 
+def test_a_run_with_one_logged_step_draws_whole_steps_and_a_visible_loss():
+    """Early in a run (one step logged) the step axes tick at whole steps only, and the
+    loss, one point, is drawn as a dot (a line of one point is invisible)."""
+    one = _layers()
+    one = one[one["step"] == one["step"].min()]
+    heat = xfig.layer_step_heatmap(explore.layer_step_matrix(one, "mask_density"),
+                                   "mask_density", (0, 1))
+    assert (heat.layout.xaxis.tickmode, heat.layout.xaxis.dtick) == ("linear", 1)
+    loss = pd.DataFrame({"run": ["a"], "method": ["spider"], "step": [1], "time_s": [0.4],
+                         "loss": [2.5]})
+    fig = xfig.compare_loss_curves(loss)
+    assert fig.data[0].mode == "markers" and fig.layout.xaxis.dtick == 1
+    assert xfig.compare_loss_curves(loss, x="time_s").layout.xaxis.dtick is None
+    many = pd.concat([loss.assign(step=s, loss=1.0 / s) for s in range(1, 200)])
+    fig = xfig.compare_loss_curves(many)
+    assert fig.data[0].mode == "lines" and fig.layout.xaxis.tickformat == ",d"
+
+
 # --------------------------------------------------------------------------------------------
 # colours, figure sizes, overview
 # --------------------------------------------------------------------------------------------
@@ -210,6 +228,28 @@ def test_overview_names_options_data_and_scores(tmp_path):
     (damaged / "run.json").write_text("{not json")
     row = overview.run_overview(damaged).iloc[0]
     assert row["status"] == "damaged" and "run.json" in row["problem"]
+
+
+@pytest.mark.parametrize("source, config, expected", [
+    ({"kind": "held_out", "data": "d.json", "examples": 15, "of": 300, "share": 0.05}, {},
+     "15 of 300 records, held out of training"),
+    ({"kind": "eval_data", "data": "other.json", "examples": 40}, {}, "other.json (40 examples)"),
+    ({"kind": "test_split", "data": "builtin:counting", "examples": 300}, {},
+     "test split (300 examples)"),
+    # runs from before run.json said: the rule is certain for these two
+    (None, {"data": "builtin:counting"}, "test split"),
+    (None, {"data": "a.json", "eval_data": "b.json"}, "b.json"),
+    # and unknown for a JSON file without --eval-data
+    (None, {"data": "a.json"}, ""),
+])
+def test_overview_says_what_the_downstream_score_was_measured_on(source, config, expected):
+    info = {"config": config, **({"downstream_eval": source} if source else {})}
+    assert overview.eval_text(info) == expected
+
+
+def test_overview_of_a_sample_run_names_its_evaluation_data():
+    row = overview.run_overview(SAMPLES / "lora").iloc[0]
+    assert row["evaluated_on"].startswith("test split (")
 
 
 def test_trade_off_plane_takes_run_colours_and_method_markers():

@@ -51,14 +51,14 @@ def runs_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def app_page(runs_dir):
-    """``open(name, query=None, timeout=60)``: the app on page ``name`` after one run.
+    """``open(name, query=None, timeout=120)``: the app on page ``name`` after one run.
 
     ``query`` sets URL query parameters first (e.g. ``{"runs": ["samples/spider"]}``), as a
     link would.
     """
     from streamlit.testing.v1 import AppTest
 
-    def open_page(name: str, query: dict | None = None, timeout: float = 60):
+    def open_page(name: str, query: dict | None = None, timeout: float = 120):
         at = AppTest.from_file(str(APP), default_timeout=timeout)
         for key, value in (query or {}).items():
             at.query_params[key] = value
@@ -89,7 +89,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -166,7 +166,7 @@ def browser_page(chromium):
     context.close()
 
 
-def wait_idle(page, timeout: float = 60) -> None:
+def wait_idle(page, timeout: float = 120) -> None:
     """Wait until the app's script is not running, and has stayed so for a moment (a rerun
     triggered by a widget starts a few milliseconds after the click)."""
     deadline = time.monotonic() + timeout

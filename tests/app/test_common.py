@@ -89,5 +89,5 @@ def test_sidebar_shows_the_runs_folder_from_the_environment(app_page, runs_dir):
 
     # AppTest keeps the sidebar's elements of the first run only (with st.navigation), so
     # typing another folder there is tested in the browser (test_e2e_explore.py)
-    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert at.sidebar.text_input[0].value == str(runs_dir)

@@ -45,7 +45,7 @@ def test_every_page_opens_by_its_link_and_draws(streamlit_server, browser_page,
         assert errors.count() == 0, f"{title}: {errors.first.inner_text()[:500]}"
         if title in CHARTED:
             charts = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot")
-            charts.first.wait_for(timeout=30_000)
+            charts.first.wait_for(timeout=90_000)
             assert charts.count() >= CHARTED[title], f"{title} drew {charts.count()} charts"
         screenshot(page, screenshots_dir / f"{title.lower()}.png")
 
@@ -100,16 +100,16 @@ def test_runs_folder_typed_in_the_sidebar_is_listed_or_refused(streamlit_server,
     box.press("Enter")
     wait_idle(page)
     page.locator("[data-testid='stSidebar'] [data-testid='stAlert']",
-                 has_text="does not exist").wait_for(timeout=30_000)
+                 has_text="does not exist").wait_for(timeout=90_000)
     box.fill(str(tmp_path / "elsewhere"))
     box.press("Enter")
     wait_idle(page)
     # the new folder's run is listed in the runs table and offered in the chooser
     page.locator("[data-testid='stSidebar'] [data-testid='stAlert']").wait_for(
-        state="detached", timeout=30_000)
+        state="detached", timeout=90_000)
     wait_idle(page)
     page.locator("[data-testid='stMultiSelect'] input").first.click()
-    page.get_by_role("option", name="moved-run (spider)").wait_for(timeout=30_000)
+    page.get_by_role("option", name="moved-run (spider)").wait_for(timeout=90_000)
     assert page.locator("[data-testid='stException']").count() == 0
 
 

@@ -14,7 +14,7 @@ def _heatmap_texts(page, chart: int) -> list[list[str]]:
     """The numbers printed in each heatmap of chart ``chart``, one list per heatmap (plotly
     draws after the script has finished: wait for the numbers first)."""
     page.wait_for_selector(f"{CHARTS} >> nth={chart} >> .heatmaplayer .hm text",
-                           timeout=30_000)
+                           timeout=90_000)
     return page.evaluate(
         """(i) => Array.from(document.querySelectorAll("[data-testid='stPlotlyChart']")[i]
               .querySelectorAll('.heatmaplayer .hm'))
@@ -59,14 +59,14 @@ def test_learn_widgets_change_the_mask_and_parameters_draws(streamlit_server, br
     slider = page.locator("input[type='range'][aria-label='Steps of fine-tuning']")
     slider.focus()
     slider.press("End")  # one rerun, at the slider's maximum (40 steps)
-    wait_idle(page, timeout=60)
+    wait_idle(page, timeout=120)
     _no_exception(page)
     assert slider.get_attribute("aria-valuetext") == "40"
     mask_after_steps = _mask_once_changed(page, mask_before)
     assert mask_after_steps != mask_before and _metrics(page) != metrics_before
 
     page.locator("[data-testid='stCheckbox'] label", has_text="Binary mask").click()
-    wait_idle(page, timeout=60)
+    wait_idle(page, timeout=120)
     _no_exception(page)
     binary = _mask_once_changed(page, mask_after_steps)
     assert binary != mask_after_steps and set(binary) == {"0.00", "1.00"}
@@ -88,9 +88,9 @@ def test_learn_widgets_change_the_mask_and_parameters_draws(streamlit_server, br
 
     # back to Learn; its "start here" link opens Parameters with the SPIDER sample selected
     page.locator(NAV).filter(has_text=re.compile(r"^Learn$")).click()
-    wait_idle(page, timeout=60)
+    wait_idle(page, timeout=120)
     page.locator("[data-testid='stPageLink'] a", has_text="Parameters").click()
-    wait_idle(page, timeout=60)
+    wait_idle(page, timeout=120)
     _no_exception(page)
     assert "runs=samples%2Fspider" in page.url or "runs=samples/spider" in page.url
     assert "param=model.language_model.layers.3.mlp.down_proj.weight" in page.url
@@ -99,7 +99,7 @@ def test_learn_widgets_change_the_mask_and_parameters_draws(streamlit_server, br
 
 def _assert_heatmaps_drawn(page) -> None:
     """The first chart holds the I, G, w and Δ heatmaps, drawn as images by plotly."""
-    page.wait_for_selector(f"{CHARTS} .heatmaplayer .hm image", timeout=30_000)
+    page.wait_for_selector(f"{CHARTS} .heatmaplayer .hm image", timeout=90_000)
     chart = page.locator(CHARTS).first
     assert chart.locator(".heatmaplayer .hm").count() == 4
     assert chart.locator(".heatmaplayer .hm image").count() == 4

@@ -87,7 +87,7 @@ def test_launch_watch_reload_done_compare_and_cancel(streamlit_server, browser_p
     _set_number(page, "Steps", 10)
     _few_test_examples(page)
     page.get_by_role("button", name="Launch").click()
-    page.wait_for_selector(PROGRESS, timeout=60_000)
+    page.wait_for_selector(PROGRESS, timeout=120_000)
     run_dir = _wait_for(lambda: _new_runs(runs_dir, before), 60, "the run folder")[0]
     _wait_for(lambda: _status(run_dir) == "running", 120, "the run to start")
     _shot(page, screenshots_dir / "train-2-running.png")
@@ -109,7 +109,7 @@ def test_launch_watch_reload_done_compare_and_cancel(streamlit_server, browser_p
     page.get_by_role("link", name="Open in Compare").click()
     wait_idle(page, 120)
     assert f"runs={run_dir.name}" in page.url
-    page.get_by_text(run_dir.name).first.wait_for(timeout=30_000)
+    page.get_by_text(run_dir.name).first.wait_for(timeout=90_000)
     _shot(page, screenshots_dir / "train-4-compare.png")
     _no_exception(page)
 

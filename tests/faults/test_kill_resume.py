@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -99,6 +100,16 @@ def _landed(path: Path, output: str, before: list[str]) -> str:
     return "between steps (training, logging)"
 
 
+def _resume_of_a_done_run(path: Path, log: Path) -> list[str]:
+    """``--resume`` of a run that is done: exit 2 saying so, and (a kill after the end may
+    have cut the removal of the resume state short) no resume state or temporary left."""
+    child = Trainer(["--output-dir", str(path), "--resume"], log)
+    code = child.wait()
+    if code != 2 or "already done" not in child.output():
+        return [f"--resume of a done run: exit {code}, {child.output()[-300:]!r}"]
+    return []
+
+
 @pytest.mark.parametrize("part", range(4))
 def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_end(tmp_path, reference, part):
     ref, duration = reference
@@ -130,6 +141,12 @@ def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_end(tmp_path, re
                     found = read_back(path)  # raises if anything fails to read
                     problems += [f"kill {kills} ({where}): {d}"
                                  for d in differences(found, ref)]
+                    if found.status == "done":  # the kill came as the finished run exited
+                        landed[where] -= 1
+                        where = "after the run was done (exiting)"
+                        landed[where] = landed.get(where, 0) + 1
+                        problems += _resume_of_a_done_run(path, tmp_path / f"{log.stem}-r.log")
+                        ended = True
                 continue
             code = child.wait()
             assert code == 0, f"{argv} exited {code}:\n{child.output()[-3000:]}"
@@ -199,4 +216,27 @@ def test_sigterm_before_the_first_step_ends_cancelled_and_resumes(tmp_path, refe
     record("SIGTERM before the first step (during the step-0 evaluation)", "process killed", 1,
            "exit 130, status cancelled at step 0, the --resume command printed; it then ends "
            "like an uninterrupted run", problems, data_lost=0)
+    assert not problems, problems
+
+
+def test_a_kill_as_a_finished_run_exits_leaves_nothing_behind(tmp_path, reference):
+    """Killed after run.json says done but while the resume state was being removed, a run
+    keeps that state (or a renamed half of it): ``--resume`` says the run is done (exit 2)
+    and removes them; every checkpoint stays as it was."""
+    ref, _ = reference
+    path = tmp_path / "run"
+    shutil.copytree(ref.path, path)
+    (path / "resume").mkdir()
+    (path / "resume" / "meta.json").write_text('{"step": 6}')
+    (path / ".tmp-resume-removed-4242").mkdir()
+    (path / ".tmp-resume-removed-4242" / "optimizer.safetensors").write_bytes(b"\0" * 64)
+    problems = _resume_of_a_done_run(path, tmp_path / "resume.log")
+    found = read_back(path)
+    problems += differences(found, ref) + [f"lacks {m}" for m in missing(found, ref)]
+    problems += [f"keeps {name}" for name in leftovers(path)]
+    if (path / "resume").exists():
+        problems.append("keeps the resume state of a done run")
+    record("a kill as a finished run removes its resume state, then --resume", "process killed",
+           1, "exit 2 'already done'; the leftover resume state and temporaries removed, "
+           "every checkpoint as before", problems, data_lost=0)
     assert not problems, problems
