@@ -31,6 +31,9 @@ from spider.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNS_ENV = "SPIDERSCOPE_RUNS"
+# further folders (os.pathsep-separated) where models and data typed on the Train page may
+# be, for those kept outside the home folder (a shared /data, a mounted disk)
+EXTRA_ROOTS_ENV = "SPIDERSCOPE_ROOTS"
 QUERY_KEY = "runs"
 SAMPLES_PREFIX = "samples/"
 """Run ids of bundled sample runs start with this (``samples/spider``); the user's runs are
@@ -96,6 +99,13 @@ def runs_roots() -> list[Path]:
     if user.resolve() != roots[0]:
         roots.append(user)
     return roots
+
+
+def extra_roots() -> list[Path]:
+    """The folders ``SPIDERSCOPE_ROOTS`` names (``os.pathsep``-separated), as given."""
+    text = os.environ.get(EXTRA_ROOTS_ENV, "")
+    return [Path(os.path.abspath(os.path.expanduser(p.strip())))
+            for p in text.split(os.pathsep) if p.strip()]
 
 
 # --------------------------------------------------------------------------------------------

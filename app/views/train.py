@@ -88,8 +88,10 @@ def _message(text: str) -> str:
 
 def _allowed_roots() -> list[Path]:
     """Where a typed model or data path may be: the repository, the runs folders, the
-    working folder and the home folder (never the whole file system)."""
-    return [common.REPO_ROOT, *common.runs_roots(), Path.cwd(), Path.home()]
+    working folder, the home folder and those ``SPIDERSCOPE_ROOTS`` names (never the whole
+    file system)."""
+    return [common.REPO_ROOT, *common.runs_roots(), Path.cwd(), Path.home(),
+            *common.extra_roots()]
 
 
 # ----------------------------------------------------------------------------- the form

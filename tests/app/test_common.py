@@ -2,6 +2,7 @@
 the sidebar."""
 
 import json
+import os
 from pathlib import Path
 
 import streamlit as st
@@ -30,6 +31,20 @@ def test_safe_path_refuses_escapes_and_names_the_path(tmp_path):
             assert text in reason  # the message names what the user typed
     path, reason = common.safe_path(str(root / "new"), [root], must_exist=False)
     assert path == (root / "new").resolve()
+
+
+def test_spiderscope_roots_adds_folders_a_typed_path_may_be_in(tmp_path, monkeypatch):
+    shared, other = tmp_path / "data" / "models", tmp_path / "scans"
+    shared.mkdir(parents=True)
+    other.mkdir()
+    monkeypatch.delenv(common.EXTRA_ROOTS_ENV, raising=False)
+    assert common.extra_roots() == []
+    monkeypatch.setenv(common.EXTRA_ROOTS_ENV, f"{shared}{os.pathsep} {other} {os.pathsep}")
+    assert common.extra_roots() == [shared, other]
+    path, reason = common.safe_path(str(shared), common.extra_roots())
+    assert path == shared.resolve() and reason == ""
+    path, reason = common.safe_path(str(tmp_path / "data"), common.extra_roots())
+    assert path is None and "outside" in reason  # the parent of a named folder is not in it
 
 
 def test_runs_folder_check_says_what_is_wrong(tmp_path):
