@@ -108,10 +108,16 @@ def test_a_zero_or_non_finite_learning_rate_is_refused_before_anything_is_writte
     assert not problems, problems
 
 
+def _tiny_with(flag: str, value: str) -> list[str]:
+    """The tiny run's flags with ``flag`` set to ``value``."""
+    argv = list(TINY)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
 def test_a_one_step_run_evaluates_saves_and_summarises(tmp_path):
     path = tmp_path / "run"
-    argv = [a for a in TINY]
-    argv[argv.index("--steps") + 1] = "1"
+    argv = _tiny_with("--steps", "1")
     child = Trainer(["--output-dir", str(path), *argv], tmp_path / "run.log")
     code = child.wait()
     found = read_back(path)
@@ -142,8 +148,7 @@ def test_a_dataset_smaller_than_a_batch_repeats_examples_within_the_batch(tmp_pa
     batches = [sampler.indices(step, 0)[0] for step in range(5)]
     problems = [f"step {s}: {b}" for s, b in enumerate(batches) if sorted(b) != [0, 0, 1, 1]]
     path = tmp_path / "run"
-    argv = [a for a in TINY]
-    argv[argv.index("--train-size") + 1] = "2"
+    argv = _tiny_with("--train-size", "2")
     child = Trainer(["--output-dir", str(path), *argv], tmp_path / "run.log")
     code = child.wait()
     found = read_back(path)
