@@ -7,14 +7,16 @@ setup:
 	bash scripts/setup.sh
 
 app: setup
-	$(PY) -m streamlit run app/streamlit_app.py --server.address 127.0.0.1 --server.headless true
+	$(PY) -m app --server.address 127.0.0.1 --server.headless true
 
 test: setup
 	bash scripts/setup_browser.sh
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2
 
 test-all: setup
 	bash scripts/setup_browser.sh
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -m ""
 
 bench: setup

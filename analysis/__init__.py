@@ -2,21 +2,13 @@
 
 ``run`` reads run directories (``load_run``, ``list_runs``), ``stats`` computes (DataFrame
 in, DataFrame out, fixed columns), ``heatmaps`` pools big tensors for display, ``figures``
-draws (pure functions to ``go.Figure``, no I/O) and ``report`` lays runs out as one HTML file
-(``python -m analysis.report``; imported on first use of ``analysis.report`` or
-``analysis.write_report``).
+draws (one module per kind of figure; pure functions to ``go.Figure``, no I/O) and
+``report`` lays runs out as one HTML file (``python -m analysis.report``; imported on first
+use of ``analysis.report`` or ``analysis.write_report``).
 """
 
 from analysis import figures, heatmaps, stats
-from analysis.figures import (
-    discrepancy_bars,
-    figure_json_size,
-    mask_density_heatmap,
-    mask_histogram,
-    score_curves,
-    tensor_panels,
-    tradeoff_plane,
-)
+from analysis.figures import figure_json_size, tensor_panels, tradeoff_plane
 from analysis.heatmaps import Downsampled, downsample
 from analysis.run import LIST_COLUMNS, TENSOR_KINDS, Run, RunReadError, list_runs, load_run
 from analysis.stats import (
@@ -51,7 +43,6 @@ __all__ = [
     "Run",
     "RunReadError",
     "cells_table",
-    "discrepancy_bars",
     "downsample",
     "figure_json_size",
     "figures",
@@ -60,11 +51,8 @@ __all__ = [
     "list_runs",
     "load_run",
     "mask_density",
-    "mask_density_heatmap",
-    "mask_histogram",
     "moved_overlap",
     "report",
-    "score_curves",
     "score_table",
     "stats",
     "stream_tensor_stats",

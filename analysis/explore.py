@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
+from spider import statistics
+from spider.naming import COMPONENTS, component_rank
 
 # --------------------------------------------------------------------------------------------
 # Compare: curves
@@ -224,7 +226,7 @@ MODULE_NAMES = {
     "linear_1": "projector: first layer", "linear_2": "projector: second layer",
     "other": "other",
 }
-_COMPONENT_ORDER = ("vision", "projector", "llm", "other")
+_COMPONENT_ORDER = COMPONENTS  # model order: spider.naming, the one place
 
 
 def component_name(component: str) -> str:
@@ -246,8 +248,7 @@ def layer_name(component: str, layer) -> str:
 
 
 def _layer_sort_key(component: str, layer) -> tuple:
-    rank = _COMPONENT_ORDER.index(component) if component in _COMPONENT_ORDER else 9
-    return (rank, -1 if layer is None or pd.isna(layer) else int(layer))
+    return (component_rank(component), -1 if layer is None or pd.isna(layer) else int(layer))
 
 
 def filter_layers(layers_df: pd.DataFrame, components: Iterable[str] | None = None,
@@ -274,18 +275,28 @@ def nearest_step(steps: Iterable[int], step: int) -> int:
 # Layers: tables
 # --------------------------------------------------------------------------------------------
 
+# statistics the layer tables pool with their own function (the rest: stats.pooled)
+_POOLED_BY = {
+    "update_rel_norm": lambda df, by: stats.update_size(df, by=by),
+    "discrepancy_mean": lambda df, by: stats.layer_discrepancy(df, by=by),
+    "correlation": lambda df, by: stats.layer_discrepancy(df, by=by),
+}
+# the per-tensor statistics of the vocabulary a heatmap offers, pooled by stats.pooled: the
+# layer table has a column for each (mask density, mean keep-weight, mask churn ...)
+_TABLE_POOLED = tuple(name for name in statistics.heatmap_values()
+                      if name not in _POOLED_BY and name not in stats.LAYER_DISCREPANCY_VALUES)
+
 LAYER_TABLE_COLUMNS = (
     "run", "method", "step", "component", "layer", "name", "numel",
-    "discrepancy_mean", "frac_ft_gt_pre", "correlation", "mask_density", "mask_mean",
-    "update_rel_norm",
+    "discrepancy_mean", "frac_ft_gt_pre", "correlation", *_TABLE_POOLED, "update_rel_norm",
 )
 
 
 def layer_table(layers_df: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
     """One row per (run, component, layer) at ``step`` (each run's nearest logged step; None:
     each run's last): mean G − I, share with G > I, correlation of I and G
-    (:func:`analysis.stats.layer_discrepancy`), mask density and mean keep-weight
-    (:func:`analysis.stats.mask_density`) and ‖Δ‖/‖θ0‖ (:func:`analysis.stats.update_size`),
+    (:func:`analysis.stats.layer_discrepancy`), the mask's statistics of the vocabulary
+    (mask density, mean keep-weight, mask churn: :func:`analysis.stats.pooled`) and ‖Δ‖/‖θ0‖ (:func:`analysis.stats.update_size`),
     all pooled exactly over the layer's tensors that ``layers_df`` holds (filter it first to
     look at some modules only). Rows in model order: vision, projector, language model; within
     a component, parameters outside blocks first. Columns :data:`LAYER_TABLE_COLUMNS`.
@@ -309,7 +320,7 @@ def layer_table_all_steps(layers_df: pd.DataFrame) -> pd.DataFrame:
     by = ("component", "layer")
     keys = ["run", "method", "step", *by]
     disc = stats.layer_discrepancy(layers_df, by=by)
-    dens = stats.mask_density(layers_df, by=by).drop(columns=["numel"])
+    dens = stats.pooled(layers_df, _TABLE_POOLED, by=by).drop(columns=["numel"])
     size = stats.update_size(layers_df, by=by)[[*keys, "update_rel_norm"]]
     out = disc.merge(dens, on=keys, how="outer").merge(size, on=keys, how="outer")
     out["name"] = [layer_name(c, layer) for c, layer in zip(out["component"], out["layer"])]
@@ -330,14 +341,8 @@ def table_at_step(all_steps: pd.DataFrame, step: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-MATRIX_VALUES = {
-    "mask_density": "share of weights free to move (w > 0)",
-    "mask_mean": "mean keep-weight w",
-    "update_rel_norm": "update size ‖Δ‖/‖θ0‖",
-    "discrepancy_mean": "mean G − I",
-    "frac_ft_gt_pre": "share of weights with G > I",
-}
-
+MATRIX_VALUES = statistics.heatmap_values()
+"""``{value: label}`` a layer x step matrix offers (``spider.statistics.heatmap_values``)."""
 
 def layer_step_matrix(layers_df: pd.DataFrame, value: str = "mask_density") -> pd.DataFrame:
     """Tidy layer x step values for a heatmap: columns run, method, name, order, step,
@@ -349,12 +354,10 @@ def layer_step_matrix(layers_df: pd.DataFrame, value: str = "mask_density") -> p
     by = ("component", "layer")
     if layers_df.empty:
         return pd.DataFrame(columns=["run", "method", "name", "order", "step", value])
-    if value in ("mask_density", "mask_mean"):
-        frame = stats.mask_density(layers_df, by=by)
-    elif value == "update_rel_norm":
-        frame = stats.update_size(layers_df, by=by)
+    if value in _POOLED_BY:
+        frame = _POOLED_BY[value](layers_df, by)
     else:
-        frame = stats.layer_discrepancy(layers_df, by=by)
+        frame = stats.pooled(layers_df, (value,), by=by)
     names = [layer_name(c, layer) for c, layer in zip(frame["component"], frame["layer"])]
     keys = [_layer_sort_key(c, layer) for c, layer in zip(frame["component"], frame["layer"])]
     ranks = {k: i for i, k in enumerate(sorted(set(keys)))}

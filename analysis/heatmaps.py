@@ -112,14 +112,16 @@ def _edges(n: int, factor: int) -> np.ndarray:
     return np.minimum(np.arange(cells + 1, dtype=np.int64) * factor, n)
 
 
-def downsample(tensor, max_cells: int = 512, reduce: str = "auto") -> Downsampled:
+def downsample(tensor, max_cells: int | tuple[int, int] = 512,
+               reduce: str = "auto") -> Downsampled:
     """Pool ``tensor`` to at most ``max_cells`` x ``max_cells`` cells.
 
     Args:
         tensor: torch tensor or numpy array (bool, integer or floating). 1-D is one row;
             >2-D is viewed as ``(shape[0], prod(rest))``.
-        max_cells: the most cells per axis. Each axis of length ``n`` is split into blocks of
-            ``ceil(n / max_cells)`` entries.
+        max_cells: the most cells per axis, or ``(rows, cols)`` for each axis its own. Each
+            axis of length ``n`` is split into blocks of ``ceil(n / max_cells)`` entries (no
+            pooling where ``n`` fits).
         reduce: ``mean`` (block mean: density of a mask), ``maxabs`` (the block's entry of
             largest ``|x|``, sign kept; on a tie between ``+a`` and ``-a`` the positive wins)
             or ``auto`` (``mean`` when all values lie in [0, 1], else ``maxabs``).
@@ -128,7 +130,8 @@ def downsample(tensor, max_cells: int = 512, reduce: str = "auto") -> Downsample
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if max_cells < 1:
+    max_rows, max_cols = (max_cells, max_cells) if isinstance(max_cells, int) else max_cells
+    if min(max_rows, max_cols) < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     x = as_2d(tensor)
     if x.is_complex():
@@ -145,8 +148,8 @@ def downsample(tensor, max_cells: int = 512, reduce: str = "auto") -> Downsample
         low, high = torch.aminmax(x)
         reduce = "mean" if bool(low >= 0) and bool(high <= 1) else "maxabs"
 
-    fr = math.ceil(rows / max_cells)
-    fc = math.ceil(cols / max_cells)
+    fr = math.ceil(rows / max_rows)
+    fc = math.ceil(cols / max_cols)
     row_edges, col_edges = _edges(rows, fr), _edges(cols, fc)
 
     # Rows first: reducing the middle dim of (blocks, fr, cols) runs along contiguous memory;

@@ -13,8 +13,9 @@ offline and can be mailed; for the seven sample runs it weighs about 5 MB, almos
 plotly.js. ``--csv DIR`` also writes the tables behind it (summary, cells, metrics, train,
 layers) as CSV files.
 
-Compute comes from :mod:`analysis.stats`, drawing from :mod:`analysis.figures`; this module
-only lays them out.
+Compute comes from :mod:`analysis.stats` and :mod:`analysis.explore`, drawing from
+:mod:`analysis.figures`, the functions the app's pages draw with (colour per run, marker per
+method, the same heatmaps): this module only lays them out.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ import html
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from analysis import figures, stats
+from analysis import explore, figures, stats
+from analysis.overview import options_text
 from analysis.run import Run, list_runs, load_run
 from spider import rundir
-from spider.errors import UserError, cli_main
+from spider.errors import CliParser, UserError, cli_main
 
 CSV_TABLES = ("summary", "cells", "metrics", "train", "layers")
 """Files ``--csv`` writes: ``DIR/<name>.csv``."""
@@ -43,11 +45,13 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
        max-width: 1200px; padding: 0 1rem; color: #222; }
 h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; }
 p.note, p.meta { color: #555; } p.meta { margin-top: 0; font-size: 0.9rem; }
-table.data { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0 1rem; }
+table.data { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0 1rem;
+             display: block; max-width: 100%; overflow-x: auto; }
 table.data th, table.data td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; }
 table.data th { background: #f4f4f4; text-align: left; }
 table.data td { text-align: right; font-variant-numeric: tabular-nums; }
 table.data td:first-child, table.data td.text { text-align: left; }
+table.data td.text { overflow-wrap: anywhere; min-width: 5rem; }
 .figure { margin: 1rem 0 2rem; }
 """
 
@@ -91,8 +95,8 @@ def _frames(runs: Sequence[Run], labels: Sequence[str], what: str) -> pd.DataFra
     return pd.concat(non_empty, ignore_index=True)
 
 
-def report_tables(runs: Iterable[Run | str | os.PathLike],
-                  base: str | None = None) -> dict[str, pd.DataFrame]:
+def report_tables(runs: Iterable[Run | str | os.PathLike], base: str | None = None,
+                  labels: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     """The tables behind a report: :data:`CSV_TABLES` -> DataFrame.
 
     ``summary`` is :func:`analysis.stats.summary_table` (gains measured from each run's own
@@ -100,7 +104,7 @@ def report_tables(runs: Iterable[Run | str | os.PathLike],
     ``metrics`` / ``train`` / ``layers`` the runs' frames one after another.
     """
     runs = _as_runs(runs)
-    labels = run_labels(runs)
+    labels = list(labels) if labels is not None else run_labels(runs)
     metrics = _frames(runs, labels, "metrics")
     if metrics.empty:
         summary = pd.concat([r.summary.assign(run=label) for r, label in zip(runs, labels)],
@@ -169,7 +173,7 @@ def _runs_table(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
     for run, label in zip(runs, labels):
         info = run.info
         progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
-        options = ", ".join(f"{k}={v}" for k, v in run.options.items()) or "–"
+        options = options_text(run.method, run.options, only_changed=False)
         rows.append({
             "run": label, "method": run.method, "options": options, "status": run.status,
             "steps": f"{progress.get('step', '?')} / {run.config.get('steps', '?')}",
@@ -190,17 +194,30 @@ def _mask_section(run: Run, label: str, layers: pd.DataFrame) -> str:
             pd.to_numeric(mine["mask_mean"], errors="coerce").dropna() == 1.0).all():
         return title + ('<p class="note">Every weight is free to move at every logged step '
                         "(w = 1 everywhere): nothing is pinned to θ0.</p>")
-    return title + _figure(figures.mask_density_heatmap(mine, run=label))
+    # the Layers page's heatmap, on its default (absolute) scale
+    matrix = explore.layer_step_matrix(mine, "mask_density")
+    zrange = figures.heatmap_range("mask_density", matrix["mask_density"], "absolute")
+    return (title + _figure(figures.layer_step_heatmap(matrix, "mask_density", zrange))
+            + f'<p class="note">{html.escape(figures.range_words("mask_density", zrange, "absolute"))}</p>')
 
 
 def render_report(runs: Iterable[Run | str | os.PathLike], title: str = "Spiderscope report",
-                  base: str | None = None) -> str:
-    """The report as one HTML string (plotly.js inlined once; no external resources)."""
+                  base: str | None = None, labels: Sequence[str] | None = None,
+                  colors: Mapping[str, str] | None = None) -> str:
+    """The report as one HTML string (plotly.js inlined once; no external resources).
+
+    ``labels``: a name per run (default :func:`run_labels`); ``colors``: label -> colour (default
+    :func:`analysis.figures.run_colors` in the order given). The app passes its own, so that a
+    run looks the same in the report as on its pages.
+    """
     from plotly.offline import get_plotlyjs
 
     runs = _as_runs(runs)
-    labels = run_labels(runs)
-    tables = report_tables(runs, base=base)
+    labels = list(labels) if labels is not None else run_labels(runs)
+    if len(labels) != len(runs) or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must name each run once; got {labels}")
+    colors = {**figures.run_colors(labels), **(colors or {})}
+    tables = report_tables(runs, base=base, labels=labels)
     metrics, layers = tables["metrics"], tables["layers"]
     generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     base_text = (f"the scores of run {html.escape(base)} at its first step" if base else
@@ -225,20 +242,26 @@ def render_report(runs: Iterable[Run | str | os.PathLike], title: str = "Spiders
         _table(tables["summary"], text_columns=("method",)),
         "<h2>2×2 generalisation cells</h2>",
     ]
-    if tables["cells"].empty:
+    cells = explore.cells_long(metrics) if not metrics.empty else pd.DataFrame()
+    if cells.empty:
         parts.append('<p class="note">No run scored the 2×2 cells (in/out-of-distribution '
                      "images × questions).</p>")
     else:
         parts += ['<p class="note">Score per cell at each run\'s last scored step: image '
                   "in/out of the training distribution (idimg/oodimg) × question in/out of "
-                  "it (idq/oodq).</p>",
-                  _table(tables["cells"], text_columns=("method",))]
+                  "it (idq/oodq). <code>idimg-idq</code> is the downstream test split itself, "
+                  "so its score is the run's downstream score D.</p>",
+                  _figure(figures.cells_heatmap(cells, "score")),
+                  _table(explore.cells_wide(cells, "score"), text_columns=("method",))]
     parts.append("<h2>Scores over training</h2>")
     if metrics.empty:
         parts.append('<p class="note">No run has evaluation scores yet.</p>')
     else:
-        parts += [_figure(figures.score_curves(metrics)), "<h2>Trade-off plane</h2>",
-                  _figure(figures.tradeoff_plane(metrics))]
+        curves = explore.score_curves_frame(metrics, tables["train"])
+        symbols = {label: figures.method_symbol(run.method) for run, label in zip(runs, labels)}
+        parts += [_figure(figures.compare_score_curves(curves, colors)),
+                  "<h2>Trade-off plane</h2>",
+                  _figure(figures.tradeoff_plane(metrics, colors=colors, symbols=symbols))]
     parts += ["<h2>Where weights may move: mask density per layer</h2>",
               '<p class="note">Share of each layer\'s weights with keep-weight w &gt; 0 at '
               "each logged step (1 = free to move, 0 = pinned to θ0).</p>"]
@@ -290,7 +313,7 @@ def _expand(arguments: Sequence[str]) -> list[Run]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m analysis.report",
         description="Write a self-contained HTML report comparing fine-tuning runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN",

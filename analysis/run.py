@@ -9,8 +9,9 @@ that needs it is first asked for:
   re-read by :meth:`Run.refresh`);
 * ``Run.metrics`` / ``train`` / ``summary`` — ``metrics.jsonl``, as tidy frames with the
   columns of :mod:`analysis.stats` (read once, then cached);
-* ``Run.layers`` — ``layers.jsonl`` with parameter names parsed by
-  :func:`spider.naming.parse_param_name` (read once, then cached);
+* ``Run.layers`` — ``layers.jsonl`` (or, for a finished run with a large log, its columnar
+  ``layers.parquet``; both parsed in bulk) with parameter names parsed by
+  :func:`spider.naming.parse_param_name` once per name (read once, then cached);
 * ``Run.tensor(step, param, kind)`` — one tensor of one checkpoint, memory-mapped.
 
 Masks and importances are not stored: they are rebuilt from what the checkpoint keeps (for
@@ -70,6 +71,39 @@ LIST_COLUMNS = (
     "U", "D", "H", "ok", "problem",
 )
 """Columns of :func:`list_runs`: one row per run found."""
+
+
+def layers_frame(rows: list[dict] | pd.DataFrame, run: str, method: str) -> pd.DataFrame:
+    """``layers.jsonl`` rows (dicts, or a frame of them as ``RunDir.read_layers_frame``
+    reads it) as the frame of :attr:`Run.layers` (also what the live Train view draws,
+    ``app.watch``): :data:`analysis.stats.LAYERS_COLUMNS` first, NaN where a row lacks a
+    statistic, then any further logged columns. A row lacking step, param or numel is a
+    ``ValueError``."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
+    required = ["step", "param", "numel"]
+    if frame.empty:
+        frame = pd.DataFrame(columns=required)
+    for column in required:
+        if column not in frame.columns or frame[column].isna().any():
+            raise ValueError(f"a row lacks {column!r}")
+    # parse each distinct name once, then spread by the rows' codes (no per-row Python)
+    codes, names = pd.factorize(frame["param"])
+    parsed = [parse_param_name(str(p)) for p in names]
+    frame = frame.assign(run=run, method=method)
+    frame["component"] = np.array([p.component for p in parsed], dtype=object)[codes]
+    frame["layer"] = pd.array([p.layer for p in parsed], dtype="Int64").take(codes)
+    frame["module"] = np.array([p.module for p in parsed], dtype=object)[codes]
+    for column in stats.LAYERS_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    extra = [c for c in frame.columns if c not in stats.LAYERS_COLUMNS]
+    frame = frame.loc[:, [*stats.LAYERS_COLUMNS, *extra]]
+    frame["step"] = frame["step"].astype("int64")
+    frame["numel"] = frame["numel"].astype("int64")
+    for column in frame.columns[8:]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    return frame.reset_index(drop=True)
+
 
 class RunReadError(UserError):
     """A run file that is missing, truncated or damaged; the message names the file."""
@@ -347,35 +381,26 @@ class Run:
         (NaN where the method has no such notion), then any further logged columns
         (``theta0_norm``)."""
         if "layers" not in self._frames:
-            rows = _read(self._dir.read_layers)
-            with _malformed(self._dir.layers_file):
+            rows = _read(self._dir.read_layers_frame)
+            with _malformed(next(iter(self._dir.layers_files()), self._dir.layers_file)):
                 self._frames["layers"] = self._layers_frame(rows)
         return self._frames["layers"]
 
-    def _layers_frame(self, rows: list[dict]) -> pd.DataFrame:
-        frame = pd.DataFrame.from_records(rows)
-        required = ["step", "param", "numel"]
-        if frame.empty:
-            frame = pd.DataFrame(columns=required)
-        for column in required:
-            if column not in frame.columns or frame[column].isna().any():
-                raise ValueError(f"a row lacks {column!r}")
-        parsed = {p: parse_param_name(str(p)) for p in pd.unique(frame["param"])}
-        frame["run"] = self.name
-        frame["method"] = self.method
-        frame["component"] = frame["param"].map(lambda p: parsed[p].component)
-        frame["layer"] = pd.array([parsed[p].layer for p in frame["param"]], dtype="Int64")
-        frame["module"] = frame["param"].map(lambda p: parsed[p].module)
-        for column in stats.LAYERS_COLUMNS:
-            if column not in frame.columns:
-                frame[column] = np.nan
-        extra = [c for c in frame.columns if c not in stats.LAYERS_COLUMNS]
-        frame = frame.loc[:, [*stats.LAYERS_COLUMNS, *extra]]
-        frame["step"] = frame["step"].astype("int64")
-        frame["numel"] = frame["numel"].astype("int64")
-        for column in frame.columns[8:]:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-        return frame.reset_index(drop=True)
+    def _layers_frame(self, rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+        return layers_frame(rows, self.name, self.method)
+
+    @property
+    def attribution(self) -> pd.DataFrame:
+        """``attribution.jsonl`` (``python -m analysis.attribute``): per step, grouping and
+        group, U, D, H with that group's update reverted and their differences to the
+        unreverted checkpoint (columns :data:`analysis.attribute.ATTRIBUTION_COLUMNS`);
+        empty when none was computed."""
+        if "attribution" not in self._frames:
+            from analysis.attribute import attribution_frame
+
+            self._frames["attribution"] = attribution_frame(
+                _read(lambda: self._dir.read_attribution()), self.name, self.method)
+        return self._frames["attribution"]
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -504,7 +529,10 @@ class Run:
         if importance is None:
             raise UserError(f"method {self.method!r} reports no importances for {param} at "
                             f"step {step}")
-        return importance["pre" if kind == "importance_pre" else "ft"].float()
+        key = "pre" if kind == "importance_pre" else "ft"
+        if key not in importance:  # Dowser scores theta0 only: no fine-tuning importance
+            raise UserError(f"method {self.method!r} reports no {kind} for {param}")
+        return importance[key].float()
 
     def method_at(self, step: int, param: str):
         """The run's method rebuilt on a one-tensor model holding ``param``, in its state at
@@ -719,6 +747,20 @@ def _run_row(path: Path) -> dict:
     progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
     row["steps"] = progress.get("step", config.get("steps") if "summary" in info else None)
     row["checkpoints"] = len(run.steps)
+    if row["status"] == rundir.DONE and run._dir.listing_current(info):
+        # finished, and no file changed since its writer fingerprinted them: trust run.json
+        # (its summary) instead of reading the logs and checkpoints; the base model is not
+        # the run's own, so it is still looked for
+        problems = []
+        try:
+            run.base_model_dir  # noqa: B018
+        except UserError as err:
+            problems.append(str(err))
+        written = info.get("summary") if isinstance(info.get("summary"), dict) else {}
+        row.update({k: _float(written.get(k)) for k in ("U", "D", "H")})
+        row["ok"] = not problems
+        row["problem"] = "; ".join(problems)
+        return row
     problems, summary = _check_run(run)
     scores = {}
     if summary is not None and not summary.empty and pd.notna(summary["U"].iloc[0]):
@@ -733,6 +775,11 @@ def _run_row(path: Path) -> dict:
 
 def list_runs(root: str | os.PathLike) -> pd.DataFrame:
     """Every run directory under ``root`` (``root`` itself included), one row each.
+
+    A finished run whose files are as its writer left them (``run.json``'s listing record,
+    ``RunDir.listing_current``: a few ``stat`` calls) is listed from ``run.json`` alone;
+    any other run (still writing, stopped, written before the record, or with a file
+    changed since) has its logs and checkpoint headers read and checked.
 
     Columns :data:`LIST_COLUMNS`. ``steps`` is the trained steps so far (from the run's
     progress), ``checkpoints`` how many complete checkpoints it has, U/D/H its latest

@@ -9,7 +9,9 @@ Input contracts (module-level tuples below):
 
 * :data:`METRICS_COLUMNS` — one row per evaluation value. ``split`` is ``upstream``,
   ``downstream`` or a 2x2 cell (:data:`CELLS`); ``metric == "score"`` is the split's main
-  metric in [0, 1].
+  metric in [0, 1], ``task:NAME`` a task's; on ``upstream`` also the output drift
+  (``kl_to_base``, ``format_errors``, ``content_errors``, ``answer_type_drift``:
+  ``spider.hooks.Evaluator``, drawn by ``analysis.figures.attribution.drift_curves``).
 * :data:`TRAIN_COLUMNS` — one row per training step.
 * :data:`LAYERS_COLUMNS` — one row per (run, step, parameter tensor), NaN where a method
   has no such notion (e.g. importances of full fine-tuning). ``layer`` is the block index
@@ -34,12 +36,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spider import statistics
 from spider.data.builtin import CELLS as _CELLS
-from spider.methods.base import STAT_COLUMNS
 from spider.metrics import harmonic_mean
 from spider.metrics import summary as _summary
 from spider.naming import parse_param_name
 from spider.rundir import atomic_write_bytes
+from spider.statistics import METHOD_COLUMNS
 
 # --------------------------------------------------------------------------------------------
 # Contracts
@@ -53,10 +56,11 @@ METRICS_COLUMNS = ("run", "method", "step", "split", "metric", "value")
 TRAIN_COLUMNS = ("run", "method", "step", "loss", "lr")
 LAYERS_COLUMNS = (
     "run", "method", "step", "param", "component", "layer", "module", "numel",
-    # the methods' per-tensor statistics (spider.methods.base.STAT_COLUMNS: mask_mean,
-    # mask_density, importance means and second moments, frac_ft_gt_pre; NaN where a method
-    # has no such notion or a run was logged before a column was added), then the update
-    *STAT_COLUMNS,
+    # the methods' per-tensor statistics (spider.statistics.METHOD_COLUMNS: mask_mean,
+    # mask_density, importance means and second moments, frac_ft_gt_pre, mask_churn; NaN
+    # where a method has no such notion or a run was logged before a column was added), then
+    # the update
+    *METHOD_COLUMNS,
     "update_norm",  # ||theta - theta0||_2 of the tensor
     "update_rel_norm",  # ||theta - theta0|| / ||theta0||
 )
@@ -145,8 +149,8 @@ def layer_discrepancy(
 
     Per (run, step, component, layer): the numel-weighted means of I (``importance_pre``),
     G (``importance_ft``) and of G − I (``discrepancy_mean``; SPIDER frees a weight only
-    where G > I, DESIGN §1), ``frac_ft_gt_pre``, the fraction of the layer's weights with
-    G > I (numel-weighted mean of the per-tensor fractions, i.e. the exact fraction), and
+    where G > I, ARCHITECTURE.md, *The SPIDER rule*), ``frac_ft_gt_pre``, the fraction of
+    the layer's weights with G > I (numel-weighted mean of the per-tensor fractions, i.e. the exact fraction), and
     ``correlation``, Pearson's r of I and G over all the layer's weights, pooled exactly from
     the per-tensor first and second moments (NaN where a run did not log the moments).
     Columns: run, method, step, *by, :data:`LAYER_DISCREPANCY_VALUES`.
@@ -258,6 +262,32 @@ def mask_density(
     keys = ["run", "method", "step", *by]
     out = _weighted_means(df, keys, ("mask_mean", "mask_density"))
     return _finish(out, (*keys, *MASK_DENSITY_VALUES))
+
+
+def pooled(layers_df: pd.DataFrame, values: Sequence[str],
+           by: Sequence[str] = _LAYER_KEYS) -> pd.DataFrame:
+    """Per (run, method, step, *by): ``numel`` and each of ``values`` pooled over the group's
+    tensors as its statistic says (``spider.statistics``: ``pooling`` "mean" is the
+    numel-weighted mean, "sum" and "max" what they say; NaN values are left out, a group
+    with none gets NaN). A value absent from ``layers_df`` (a run logged before it existed)
+    is NaN. Statistics pooled by a dedicated function ("derived") raise ``ValueError``."""
+    by = _check_by(by)
+    require_columns(layers_df, ("run", "method", "step", *by, "numel"), "layers DataFrame")
+    keys = ["run", "method", "step", *by]
+    values = list(values)
+    df = layers_df.assign(**{v: np.nan for v in values if v not in layers_df.columns})
+    pools = {v: statistics.get(v).pooling for v in values}
+    derived = [v for v, how in pools.items() if how == "derived"]
+    if derived:
+        raise ValueError(f"{derived} pool through their own functions, not stats.pooled")
+    out = _weighted_means(df, keys, [v for v, how in pools.items() if how == "mean"])
+    others = [v for v, how in pools.items() if how != "mean"]
+    if others:
+        grouped = df.assign(**{v: pd.to_numeric(df[v], errors="coerce").astype(float)
+                               for v in others}).groupby(keys, dropna=False, sort=True)
+        for v in others:
+            out[v] = grouped[v].sum(min_count=1) if pools[v] == "sum" else grouped[v].max()
+    return _finish(out, (*keys, "numel", *values))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@
 * :func:`tensor_views` / :func:`tensor_statistics` — the tensors and one row of numbers each.
 * :func:`what_if_mask` — the mask of the same checkpoint state rebuilt under other SPIDER
   options (binary mask, no normalisation), with spider's own ``keep_weight``.
-* :func:`pooled_npz` — the pooled arrays the heatmaps draw, as a ``.npz`` (no pickle).
+* :func:`update_agreement` — per layer, whether two runs moved the same weights, and the same
+  way (:func:`analysis.stats.moved_overlap`, :func:`analysis.stats.update_cosine`).
+* :func:`tensors_npz` — the tensors themselves, at full resolution, as a ``.npz`` (no
+  pickle).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from analysis.heatmaps import Downsampled, downsample
+from analysis import stats
 from analysis.run import TENSOR_KINDS, Run, RunReadError
 from spider.errors import UserError
 from spider.naming import parse_param_name
@@ -115,7 +118,8 @@ def available_kinds(method: str) -> tuple[str, ...]:
     if cls.has_masks and cls.masks is not MethodBase.masks:
         kinds.append("mask")
     if cls.importances is not MethodBase.importances:
-        kinds[:0] = ["importance_pre", "importance_ft"]
+        # which of I ("pre") and G ("ft") it reports; Dowser: its score, pre only
+        kinds[:0] = [f"importance_{k}" for k in getattr(cls, "importance_kinds", ("pre", "ft"))]
     return tuple(k for k in TENSOR_KINDS if k in kinds or k in ("delta", "weight"))
 
 
@@ -248,24 +252,73 @@ def what_if_mask(run: Run, step: int, param: str, **changes) -> WhatIf:
 # --------------------------------------------------------------------------------------------
 
 
-def pooled_views(views: Mapping[str, torch.Tensor], max_cells: int) -> dict[str, Downsampled]:
-    """Each view pooled as the heatmaps pool it: block mean for masks and importances,
-    largest |x| (with sign) for Δ and weights."""
-    return {kind: downsample(t, max_cells=max_cells,
-                             reduce="maxabs" if kind in ("delta", "weight") else "mean")
-            for kind, t in views.items()}
-
-
-def pooled_npz(pooled: Mapping[str, Downsampled], param: str, step: int) -> bytes:
-    """A ``.npz`` (numpy's zip of arrays; no pickle) with, per kind, ``KIND`` (the pooled
-    float32 cells), ``KIND_row_edges`` and ``KIND_col_edges`` (cell ``(i, j)`` covers rows
-    ``row_edges[i]:row_edges[i+1]``), and ``param``, ``step``, ``reduce`` as strings."""
+def tensors_npz(views: Mapping[str, torch.Tensor], param: str, step: int) -> bytes:
+    """A ``.npz`` (numpy's zip of arrays; no pickle) with every view at full resolution, one
+    float32 array per kind in the tensor's own shape (``importance_pre``, ``mask``,
+    ``delta``...), and ``param`` and ``step``."""
     arrays: dict[str, np.ndarray] = {"param": np.array(param), "step": np.array(int(step))}
-    for kind, cell in pooled.items():
-        arrays[kind] = cell.values
-        arrays[f"{kind}_row_edges"] = cell.row_edges
-        arrays[f"{kind}_col_edges"] = cell.col_edges
-        arrays[f"{kind}_reduce"] = np.array(cell.reduce)
+    for kind, tensor in views.items():
+        arrays[kind] = torch.as_tensor(tensor).detach().float().cpu().numpy()
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Two runs: the same weights moved?
+# --------------------------------------------------------------------------------------------
+
+AGREEMENT_COLUMNS = ("step", "component", "layer", "name", "numel", "moved_overlap",
+                     "update_cosine")
+
+
+def common_step(run_a: Run, run_b: Run) -> int | None:
+    """The last checkpoint step both runs saved, or None."""
+    both = sorted(set(run_a.steps) & set(run_b.steps))
+    return int(both[-1]) if both else None
+
+
+def update_agreement(run_a: Run, run_b: Run, step: int,
+                     params: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per layer, how alike two runs' updates Δ = θ − θ0 are at checkpoint ``step``: the
+    share of moved weights both moved (:func:`analysis.stats.moved_overlap`, Jaccard) and the
+    cosine of the two updates (:func:`analysis.stats.update_cosine`), each over all of the
+    layer's tensors at once (the layer's tensors flattened and joined).
+
+    ``params``: the parameters to include (default: every one both checkpoints kept). Rows in
+    model order, columns :data:`AGREEMENT_COLUMNS` (``name`` as the Layers page names a
+    layer).
+    """
+    from analysis import explore
+
+    kept_a = kept_tensors(run_a, step)
+    kept_b = set(kept_tensors(run_b, step).query("kept")["param"])
+    rows = kept_a[kept_a["kept"] & kept_a["param"].isin(kept_b)]
+    if params is not None:
+        rows = rows[rows["param"].isin(set(params))]
+    out = []
+    for (component, layer), part in rows.groupby(["component", "layer"], dropna=False,
+                                                 sort=False):
+        deltas_a, deltas_b = [], []
+        for param in part["param"]:
+            a, b = run_a.tensor(step, param, "delta"), run_b.tensor(step, param, "delta")
+            if a.shape != b.shape:
+                continue  # another architecture: not comparable weight by weight
+            deltas_a.append(a.reshape(-1))
+            deltas_b.append(b.reshape(-1))
+        if not deltas_a:
+            continue
+        a, b = torch.cat(deltas_a), torch.cat(deltas_b)
+        layer = None if pd.isna(layer) else int(layer)
+        out.append({"step": int(step), "component": component, "layer": layer,
+                    "name": explore.layer_name(component, layer), "numel": int(a.numel()),
+                    "moved_overlap": stats.moved_overlap(a, b),
+                    "update_cosine": stats.update_cosine(a, b)})
+    frame = pd.DataFrame(out, columns=list(AGREEMENT_COLUMNS))
+    if frame.empty:
+        return frame
+    order = explore.layer_table(run_a.layers[run_a.layers["step"] == run_a.layers["step"].max()]
+                                .assign(run=run_a.name))["name"].tolist()
+    rank = {name: i for i, name in enumerate(order)}
+    return frame.sort_values("name", key=lambda c: c.map(lambda n: rank.get(n, len(rank))),
+                             kind="stable").reset_index(drop=True)

@@ -10,7 +10,9 @@
 * **Selection.** :func:`selected_runs` / :func:`set_selected_runs` keep the chosen runs in the
   session and in the URL (``?runs=...``), so they carry from page to page and survive a reload
   or a shared link.
-* **Paths typed by a user** go through :func:`safe_path`.
+* **Paths typed by a user** go through :func:`safe_path`, against :func:`allowed_roots`:
+  exactly the repository, the configured runs folders and ``SPIDERSCOPE_ROOTS`` (never the
+  home or working folder as such, never ``/`` or a system folder).
 
 Streamlit is imported here (and in the pages), never in ``analysis`` or ``spider``.
 """
@@ -79,9 +81,12 @@ def default_user_runs_root() -> Path:
 
 def user_runs_root() -> Path:
     """Where the user's runs are (and where the Train page writes new ones): the sidebar's
-    choice for this session, else :func:`default_user_runs_root`. It may not exist yet."""
+    choice for this session (a configured folder or one inside it), else
+    :func:`default_user_runs_root`. It may not exist yet."""
     chosen = st.session_state.get(_USER_ROOT_KEY)
-    return Path(chosen) if chosen else default_user_runs_root()
+    if chosen and _inside(Path(chosen), configured_roots()):
+        return Path(chosen)
+    return default_user_runs_root()
 
 
 def set_user_runs_root(path: str | os.PathLike | None) -> None:
@@ -93,10 +98,11 @@ def set_user_runs_root(path: str | os.PathLike | None) -> None:
 
 
 def runs_roots() -> list[Path]:
-    """The folders runs are listed from: the bundled samples, then the user's folder."""
+    """The folders runs are listed from: the bundled samples, then the user's folder (unless
+    that is ``/`` or a system folder: see :func:`system_folder`)."""
     roots = [bundled_runs_root().resolve()]
     user = user_runs_root()
-    if user.resolve() != roots[0]:
+    if user.resolve() != roots[0] and not system_folder(user):
         roots.append(user)
     return roots
 
@@ -106,6 +112,68 @@ def extra_roots() -> list[Path]:
     text = os.environ.get(EXTRA_ROOTS_ENV, "")
     return [Path(os.path.abspath(os.path.expanduser(p.strip())))
             for p in text.split(os.pathsep) if p.strip()]
+
+
+# Never a runs folder nor a folder a typed path may be in: the system's own folders, with
+# everything inside them...
+_SYSTEM_TREES = ("/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/lib", "/lib32",
+                 "/lib64", "/libx32", "/usr", "/var", "/run", "/snap")
+# ...and folders too broad to be one, though a folder inside them may be (/root/runs when
+# the app runs as root in a container, /home/me/runs).
+_TOO_BROAD = ("/", "/root", "/home", "/mnt", "/media", "/srv", "/opt", "/tmp")
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def system_folder(path: str | os.PathLike) -> str:
+    """What ``path`` (symlinks followed) is when it may never be a runs folder — ``"the whole
+    file system"``, ``"the home folder"``, ``"a system folder"`` (/etc, /usr, /proc... or
+    anything inside one), ``"a folder too broad to hold runs"`` (/home, /tmp...) — else ``""``."""
+    real = _real(path)
+    if real == Path("/"):
+        return "the whole file system"
+    if real == _real(Path.home()):
+        return "the home folder"
+    if any(real == Path(t) or Path(t) in real.parents for t in _SYSTEM_TREES):
+        return "a system folder"
+    if real in {Path(p) for p in _TOO_BROAD}:
+        return "a folder too broad to hold runs"
+    return ""
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    real = _real(path)
+    return any(real == r or r in real.parents for r in roots)
+
+
+def _distinct(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """``paths`` resolved, system folders and those inside another one of them left out."""
+    real = [_real(p) for p in paths]
+    real = [p for p in real if not system_folder(p)]
+    kept: list[Path] = []
+    for i, path in enumerate(real):
+        covered = any((other in path.parents) or (other == path and j < i)
+                      for j, other in enumerate(real) if j != i)
+        if not covered:
+            kept.append(path)
+    return kept
+
+
+def configured_roots() -> list[Path]:
+    """The folders the administrator configured: the repository (bundled samples and model),
+    the default runs folder (``SPIDERSCOPE_RUNS`` or ``./runs``) and ``SPIDERSCOPE_ROOTS``,
+    each once (one inside another counts once), never ``/`` or a system folder. The sidebar
+    chooses the runs folder among these (or a folder inside one)."""
+    return _distinct([REPO_ROOT, bundled_runs_root(), default_user_runs_root(),
+                      *extra_roots()])
+
+
+def allowed_roots() -> list[Path]:
+    """Where a path typed in the app (a model, a data file) may be: exactly the repository,
+    the runs folders and ``SPIDERSCOPE_ROOTS`` — not the home or working folder as such."""
+    return _distinct([*configured_roots(), *runs_roots()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,12 +199,12 @@ def safe_path(user_text: str, roots: Sequence[str | os.PathLike], *,
     if ".." in raw.parts:
         return None, f"The path {text} contains '..'; give it without parent-folder steps."
     resolved = Path(os.path.realpath(raw if raw.is_absolute() else Path.cwd() / raw))
-    allowed = [Path(os.path.realpath(r)) for r in roots]
+    if must_exist and not resolved.exists():
+        return None, f"The path {text} does not exist."
+    allowed = _distinct(roots)
     if not any(resolved == r or r in resolved.parents for r in allowed):
         where = ", ".join(str(r) for r in allowed) or "(none)"
         return None, (f"The path {text} is outside the folders this app may read ({where}).")
-    if must_exist and not resolved.exists():
-        return None, f"The path {text} does not exist."
     return resolved, ""
 
 
@@ -405,10 +473,14 @@ def sidebar() -> None:
                 f"- your runs: `{_short(user)}`"
                 + ("" if user.is_dir() else " (does not exist yet)")
             )
+            if system_folder(user):
+                st.error(f"The runs folder {user} (${RUNS_ENV}) is {system_folder(user)}, so no "
+                         "runs are read from it: set it to the folder that holds your runs.")
             typed = st.text_input(
                 "Your runs folder", value=str(user), key="spiderscope_runs_folder_input",
-                help=f"Defaults to ${RUNS_ENV} or ./runs. Runs that appear there show up "
-                     "without a restart.",
+                help=f"Defaults to ${RUNS_ENV} or ./runs. Any folder inside "
+                     f"{', '.join(_short(r) for r in configured_roots())} (add folders with "
+                     f"${EXTRA_ROOTS_ENV}). Runs that appear there show up without a restart.",
             )
             if typed.strip() and Path(os.path.expanduser(typed.strip())) != user:
                 problem = check_runs_folder(typed)
@@ -420,14 +492,26 @@ def sidebar() -> None:
 
 
 def check_runs_folder(text: str) -> str:
-    """'' when ``text`` is a usable runs folder, else why not (one sentence)."""
-    path = Path(os.path.expanduser(text.strip()))
+    """'' when ``text`` is a usable runs folder, else why not (one sentence).
+
+    A runs folder is one of :func:`configured_roots` or a folder inside one — never ``/``,
+    the home folder or a system folder (the Train page reads models and data from the runs
+    folder, so choosing ``/`` would open the whole machine to it)."""
+    text = text.strip()
+    path = Path(os.path.expanduser(text))
     if not path.exists():
-        return f"The runs folder {text.strip()} does not exist."
+        return f"The runs folder {text} does not exist."
     if not path.is_dir():
-        return f"{text.strip()} is a file, not a folder of runs."
+        return f"{text} is a file, not a folder of runs."
+    if system_folder(path):
+        return (f"{text} is {system_folder(path)}, not a folder of runs: choose the folder "
+                "that holds your runs.")
+    roots = configured_roots()
+    if not _inside(path, roots):
+        return (f"The runs folder {text} is outside the folders this app may read "
+                f"({', '.join(str(r) for r in roots)}); add it to ${EXTRA_ROOTS_ENV} to use it.")
     if not os.access(path, os.R_OK | os.X_OK):
-        return f"The runs folder {text.strip()} cannot be read (permission denied)."
+        return f"The runs folder {text} cannot be read (permission denied)."
     return ""
 
 
@@ -439,9 +523,9 @@ def _short(path: Path) -> str:
 
 
 __all__ = [
-    "NOT_RESULTS", "QUERY_KEY", "REPO_ROOT", "RUNS_ENV", "UserError", "bundled_runs_root",
-    "check_runs_folder", "default_user_runs_root", "find_run_dirs", "list_all_runs",
+    "NOT_RESULTS", "QUERY_KEY", "REPO_ROOT", "RUNS_ENV", "UserError", "allowed_roots",
+    "bundled_runs_root", "check_runs_folder", "configured_roots", "default_user_runs_root", "find_run_dirs", "list_all_runs",
     "load_run_cached", "result_runs", "run_frame", "run_label", "run_signature", "runs_frame",
     "runs_roots", "safe_path", "selected_runs", "set_selected_runs", "set_user_runs_root",
-    "sidebar", "status_style", "sync_url", "user_runs_root",
+    "sidebar", "status_style", "sync_url", "system_folder", "user_runs_root",
 ]

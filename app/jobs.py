@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from spider import rundir
-from spider.errors import UserError
-from spider.rundir import process_alive, process_start_time
+from spider.errors import CliParser, UserError, cli_main
+from spider.liveness import process_alive, process_start_time
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUEUE = ".queue"
@@ -73,7 +73,9 @@ POLL_S = 0.2
 
 STOPPED_UNEXPECTEDLY = rundir.STOPPED_UNEXPECTEDLY
 RESUMABLE = ("cancelled", STOPPED_UNEXPECTEDLY)
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
+NAME_MAX = 100
+"""Longest run name a user may ask for (a ``-N`` suffix may be added to make it unique)."""
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -89,6 +91,7 @@ def _sub(root: str | os.PathLike, part: str) -> Path:
 
 def log_file(root: str | os.PathLike, name: str) -> Path:
     """Where the runner's output of run ``name`` is now (inside the run once it exists)."""
+    check_run_name(name)
     inside = Path(root) / name / LOG_NAME
     return inside if inside.exists() else queue_dir(root) / "logs" / f"{name}.log"
 
@@ -102,6 +105,9 @@ class Job:
     resume: bool = False
     queued: float = 0.0
     order: int = 0  # time.time_ns() when queued: the queue runs in this order
+
+    def __post_init__(self):
+        check_run_name(self.name)
 
     def run_dir(self, root: str | os.PathLike) -> Path:
         return Path(root) / self.name
@@ -148,16 +154,40 @@ def _read(path: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------- naming
+def valid_run_name(name: object) -> bool:
+    """Whether ``name`` is a plain folder name (see :func:`check_run_name`)."""
+    return isinstance(name, str) and _NAME_OK.match(name) is not None
+
+
 def check_run_name(name: str) -> None:
-    """A run name is a plain folder name: letters, digits, '.', '_' and '-' (no path)."""
-    if not _NAME_OK.match(name):
-        raise UserError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    """A run name is a plain folder name: letters, digits, '.', '_' and '-' (no path).
+
+    Every function here that takes a run name checks it first: a name is joined to the
+    queue's folders, so ``../x`` would reach files outside them."""
+    if not valid_run_name(name):
+        raise UserError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-' "
+                        "(a folder name, not a path)")
+
+
+def _records(folder: Path) -> list[dict]:
+    """The job records of a queue folder, those whose name is not their file's left out."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        record = _read(path)
+        if record and valid_run_name(record.get("name")) and path.stem == record["name"]:
+            found.append(record)
+    return found
 
 
 def reserve_name(root: str | os.PathLike, wanted: str) -> str:
     """Take a run name under ``root`` that no run and no other job has: ``wanted``, or
     ``wanted-2``, ``wanted-3``, ... (taken atomically, so two tabs never get the same)."""
     check_run_name(wanted)
+    if len(wanted) > NAME_MAX:
+        raise UserError(f"run name {wanted[:20]}... is {len(wanted)} characters long; "
+                        f"at most {NAME_MAX}")
     names = _sub(root, "names")
     for n in range(1, 1000):
         name = wanted if n == 1 else f"{wanted}-{n}"
@@ -183,6 +213,7 @@ def default_name(method: str, data: str, when: float | None = None) -> str:
 def enqueue(root: str | os.PathLike, name: str, args: Sequence[str], resume: bool = False
             ) -> Job:
     """Queue one run (``name`` already reserved, or an existing run for ``resume``)."""
+    check_run_name(name)
     now = time.time_ns()
     job = Job(name=name, args=[str(a) for a in args], resume=resume, queued=now / 1e9,
               order=now)
@@ -194,11 +225,8 @@ def enqueue(root: str | os.PathLike, name: str, args: Sequence[str], resume: boo
 
 def pending_jobs(root: str | os.PathLike) -> list[Job]:
     """Queued jobs, in the order they will run."""
-    folder = queue_dir(root) / "pending"
-    if not folder.is_dir():
-        return []
-    jobs = [_read(p) for p in folder.glob("*.json")]
-    return sorted((Job.from_json(j) for j in jobs if j), key=lambda j: (j.order, j.name))
+    jobs = _records(queue_dir(root) / "pending")
+    return sorted((Job.from_json(j) for j in jobs), key=lambda j: (j.order, j.name))
 
 
 def claim_next(root: str | os.PathLike) -> Job | None:
@@ -218,13 +246,11 @@ def claim_next(root: str | os.PathLike) -> Job | None:
 
 def active_records(root: str | os.PathLike) -> list[dict]:
     """Claimed jobs (with ``pid`` / ``pid_start`` once their process exists)."""
-    folder = queue_dir(root) / "active"
-    if not folder.is_dir():
-        return []
-    return [r for r in (_read(p) for p in sorted(folder.glob("*.json"))) if r]
+    return _records(queue_dir(root) / "active")
 
 
 def ended_record(root: str | os.PathLike, name: str) -> dict | None:
+    check_run_name(name)
     return _read(queue_dir(root) / "ended" / f"{name}.json")
 
 
@@ -318,6 +344,7 @@ def cancel(root: str | os.PathLike, name: str, grace: float = GRACE_S, wait: boo
     (SIGKILL after ``grace`` seconds). Returns what happened: ``dequeued``, ``signalled``,
     ``not running``. With ``wait=True`` it blocks until the process has ended.
     """
+    check_run_name(name)
     try:
         (queue_dir(root) / "pending" / f"{name}.json").unlink()
         rundir.atomic_write_json(_sub(root, "ended") / f"{name}.json",
@@ -353,6 +380,7 @@ def _reap_child(pid: int) -> None:
 
 def _live_process(root: str | os.PathLike, name: str) -> tuple[int | None, int | None]:
     """``(pid, start time)`` of run ``name``'s live runner, or ``(None, None)``."""
+    check_run_name(name)
     record = _read(queue_dir(root) / "active" / f"{name}.json")
     if record and process_alive(record.get("pid"), record.get("pid_start")):
         return record["pid"], record.get("pid_start")
@@ -422,11 +450,9 @@ def jobs_overview(root: str | os.PathLike) -> list[JobView]:
 def ended_before_run(root: str | os.PathLike) -> list[JobView]:
     """Jobs that ended before their runner wrote run.json (bad input found by the runner,
     or cancelled while loading): ``failed`` with the error line, or ``cancelled``."""
-    folder = queue_dir(root) / "ended"
     views = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        record = _read(path)
-        if not record or record.get("dequeued") or "returncode" not in record:
+    for record in _records(queue_dir(root) / "ended"):
+        if record.get("dequeued") or "returncode" not in record:
             continue
         if (Path(root) / record["name"] / rundir.RUN_FILE).exists():
             continue
@@ -609,17 +635,40 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def check_settings(settings: dict[str, Any]) -> None:
     """The runner's own checks of numbers and choices (``spider.train.check_config``)."""
+    problems = settings_problems(settings)
+    if problems:
+        raise UserError(problems[0])
+
+
+def settings_problems(settings: dict[str, Any]) -> list[str]:
+    """Every setting the runner would refuse, one sentence each naming its flag ([] if none):
+    each setting checked alone by the runner's own rules (``spider.train.check_config``),
+    then all of them together."""
     from spider.models import resolve_device
     from spider.train import RunConfig, check_config
 
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(settings) - known - {"name"})
     if unknown:
-        raise UserError(f"unknown setting {unknown[0]!r}")
-    cfg = RunConfig(**{**{k: v for k, v in settings.items() if k in known},
-                       "output_dir": "(checked later)"})
-    check_config(cfg)
-    resolve_device(cfg.device)  # "cuda" where there is none is refused here
+        return [f"unknown setting {unknown[0]!r}"]
+    given = {k: v for k, v in settings.items() if k in known}
+    problems: list[str] = []
+    for key, value in given.items():
+        try:
+            check_config(RunConfig(**{key: value, "output_dir": "(checked later)"}))
+        except ValueError as err:  # UserError included
+            problems.append(str(err))
+        except TypeError:
+            problems.append(f"--{key.replace('_', '-')} must be a number, not {value!r}")
+    if problems:
+        return problems
+    try:
+        cfg = RunConfig(**{**given, "output_dir": "(checked later)"})
+        check_config(cfg)
+        resolve_device(cfg.device)  # "cuda" where there is none is refused here
+    except UserError as err:
+        problems.append(str(err))
+    return problems
 
 
 def check_launch(settings: dict[str, Any]) -> list[str]:
@@ -670,6 +719,7 @@ def launch(root: str | os.PathLike, runs: Sequence[dict[str, Any]],
 
 def resume(root: str | os.PathLike, name: str, start_supervisor: bool = True) -> Job:
     """Queue ``--resume`` of a cancelled or stopped-unexpectedly run."""
+    check_run_name(name)
     run_dir = Path(root) / name
     status = run_status(run_dir)
     if status not in RESUMABLE:
@@ -693,17 +743,32 @@ def iter_user_runs(root: str | os.PathLike) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.jobs", description=__doc__.split("\n")[0])
+def _existing_root(text: str) -> Path:
+    """argparse type of ``--root``: an existing folder."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a folder" if path.exists() else f"{text} does not exist")
+    return path
+
+
+def _parser() -> CliParser:
+    parser = CliParser(prog="python -m app.jobs", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command, text in (("supervise", "work the queue of ROOT until it is empty"),
                           ("list", "print queued and active jobs of ROOT")):
         p = sub.add_parser(command, help=text)
-        p.add_argument("--root", required=True, type=Path, help="the user's runs root")
+        p.add_argument("--root", required=True, type=_existing_root,
+                       help="the user's runs root")
     p = sub.add_parser("cancel", help="cancel run NAME under ROOT")
-    p.add_argument("--root", required=True, type=Path, help="the user's runs root")
+    p.add_argument("--root", required=True, type=_existing_root, help="the user's runs root")
     p.add_argument("name", help="the run's folder name")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "supervise":
         supervise(args.root)
     elif args.command == "list":

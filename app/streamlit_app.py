@@ -31,6 +31,7 @@ page = st.navigation([
     st.Page(_PAGES / "compare.py", title="Compare"),
     st.Page(_PAGES / "layers.py", title="Layers"),
     st.Page(_PAGES / "parameters.py", title="Parameters"),
+    st.Page(_PAGES / "forgetting.py", title="Why it forgot"),
     st.Page(_PAGES / "train.py", title="Train"),
 ])
 common.sidebar()

@@ -5,8 +5,9 @@ shares the CPU with it), so :class:`RunWatch` reads only what is new:
 
 * ``run.json`` through :func:`spider.rundir.read_progress` (one small file: step, total,
   whether an evaluation is under way, training-time rate);
-* the lines appended to ``metrics.jsonl`` and ``layers.jsonl`` since the last refresh, from a
-  remembered byte offset (complete lines only; a file rewritten shorter, as ``--resume``
+* the lines appended to ``metrics.jsonl`` and ``layers.jsonl`` since the last refresh,
+  through the run directory's incremental reader (:class:`spider.rundir.LogTail`: complete
+  lines only, from a remembered byte offset; a file rewritten shorter, as ``--resume``
   does, is read again from the start).
 
 Frames are rebuilt only when new lines came, in the columns of :mod:`analysis.stats`, so the
@@ -30,44 +31,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import stats
+from analysis.run import layers_frame
 from spider import rundir
+from spider import statistics as vocabulary
 from spider.errors import UserError
-from spider.naming import parse_param_name
 
-
-class JsonlTail:
-    """The complete lines appended to a JSON-lines file since the last :meth:`read`."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.offset = 0
-        self.inode: int | None = None
-        self.rows: list[dict] = []
-
-    def read(self) -> bool:
-        """Read what was appended; True when :attr:`rows` changed."""
-        try:
-            st = self.path.stat()
-        except OSError:
-            return False
-        restarted = st.st_ino != self.inode or st.st_size < self.offset
-        if restarted:  # rewritten (a resume truncates) or replaced: read it again
-            self.offset, self.rows, self.inode = 0, [], st.st_ino
-        if st.st_size == self.offset:
-            return restarted
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read(st.st_size - self.offset)
-        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
-        for line in chunk[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a damaged line: the analysis pages name it; here it is skipped
-            if isinstance(row, dict):
-                self.rows.append(row)
-        self.offset += end
-        return end > 0 or restarted
+JsonlTail = rundir.LogTail  # the incremental reader lives with the format
 
 
 @dataclass
@@ -78,7 +47,7 @@ class Snapshot:
     changed: bool  # new metrics or statistics since the last refresh
     train: pd.DataFrame = field(default_factory=pd.DataFrame)  # TRAIN_COLUMNS + seconds
     metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # METRICS_COLUMNS
-    layers: pd.DataFrame = field(default_factory=pd.DataFrame)  # LAYERS_COLUMNS subset
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)  # LAYERS_COLUMNS
 
 
 def _float(value) -> float:
@@ -94,11 +63,13 @@ class RunWatch:
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
         self.name = self.run_dir.name
-        self.metrics_tail = JsonlTail(self.run_dir / rundir.METRICS_FILE)
-        self.layers_tail = JsonlTail(self.run_dir / rundir.LAYERS_FILE)
+        run = rundir.RunDir(self.run_dir)
+        self.metrics_tail = run.tail_events()
+        self.layers_tail = run.tail_layers()
         self.method = ""
+        #: what the live heatmap shows: one of :data:`LIVE_HEATMAP_VALUES`
+        self.heatmap_value = "mask_density"
         self._frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
-        self._parsed: dict[str, tuple] = {}
 
     def poll(self) -> Snapshot:
         try:
@@ -130,21 +101,14 @@ class RunWatch:
         return pd.DataFrame(rows, columns=list(stats.METRICS_COLUMNS))
 
     def _layers(self) -> pd.DataFrame:
-        """Just what the mask-density heatmap needs, names parsed once per parameter."""
-        rows = []
-        for r in self.layers_tail.rows:
-            param = str(r.get("param", ""))
-            if param not in self._parsed:
-                self._parsed[param] = parse_param_name(param)
-            name = self._parsed[param]
-            rows.append((self.name, self.method, int(r.get("step", 0)), param, name.component,
-                         name.layer, name.module, int(r.get("numel", 0)),
-                         _float(r.get("mask_mean")), _float(r.get("mask_density"))))
-        frame = pd.DataFrame(rows, columns=["run", "method", "step", "param", "component",
-                                            "layer", "module", "numel", "mask_mean",
-                                            "mask_density"])
-        frame["layer"] = pd.array(frame["layer"], dtype="Int64")
-        return frame
+        """The statistics rows as :attr:`analysis.Run.layers` reads them (every statistic of
+        the vocabulary, so the live heatmap can show any of them)."""
+        rows = [r for r in self.layers_tail.rows
+                if all(r.get(k) is not None for k in ("step", "param", "numel"))]
+        try:
+            return layers_frame(rows, self.name, self.method)
+        except (TypeError, ValueError):  # a damaged row: the analysis pages name it
+            return layers_frame([], self.name, self.method)
 
 
 # ------------------------------------------------------------------------------- the ETA
@@ -292,23 +256,38 @@ def light_figure(fig):
     return go.Figure(spec, _validate=False)
 
 
-LIVE_HEATMAP_TITLE = "Share of weights free to move (w > 0), per layer, as statistics arrive"
+LIVE_HEATMAP_VALUES = vocabulary.heatmap_values()
+"""``{value: label}`` the live heatmap can show (``spider.statistics.heatmap_values``)."""
+
+
+def live_value_label(value: str) -> str:
+    """The label of a heatmap value, capitalised for a widget."""
+    label = vocabulary.label(value)
+    return label[:1].upper() + label[1:]
+
+
+def live_heatmap_title(value: str) -> str:
+    return f"{live_value_label(value)}, per layer, as statistics arrive"
+
+
+LIVE_HEATMAP_TITLE = live_heatmap_title("mask_density")
 
 
 def live_figures(watcher: RunWatch, snap: Snapshot, cache: dict) -> tuple:
-    """The live (loss, scores, mask-density heatmap) figures of a watched run, as light
+    """The live (loss, scores, layer heatmap of ``watcher.heatmap_value``) figures of a watched run, as light
     figures (None where there is nothing yet). ``cache`` keeps them between refreshes, and
     each is rebuilt only when its own lines came in: the loss at every step, the scores at
     evaluations, the heatmap at logged steps. Rebuilding all three on every refresh of a
     fast run costs ~45 ms; this keeps a refresh near the cost of the loss curve alone."""
     from analysis import explore
-    from analysis import explore_figures as xfig
+    from analysis import figures as xfig
+
+    value = watcher.heatmap_value
 
     def heatmap():
-        matrix = explore.layer_step_matrix(snap.layers, "mask_density")
-        return xfig.layer_step_heatmap(matrix, "mask_density",
-                                       explore.fitted_range(matrix["mask_density"]),
-                                       title=LIVE_HEATMAP_TITLE)
+        matrix = explore.layer_step_matrix(snap.layers, value)
+        return xfig.layer_step_heatmap(matrix, value, explore.fitted_range(matrix[value]),
+                                       title=live_heatmap_title(value))
 
     inode = watcher.metrics_tail.inode
     parts = {
@@ -317,7 +296,8 @@ def live_figures(watcher: RunWatch, snap: Snapshot, cache: dict) -> tuple:
         "scores": ((inode, len(snap.metrics)), snap.metrics,
                    lambda: xfig.compare_score_curves(
                        explore.score_curves_frame(snap.metrics, snap.train))),
-        "heat": ((watcher.layers_tail.inode, watcher.layers_tail.offset), snap.layers, heatmap),
+        "heat": ((watcher.layers_tail.inode, watcher.layers_tail.offset, value), snap.layers,
+                 heatmap),
     }
     for name, (key, frame, build) in parts.items():
         if name not in cache or cache[name][0] != key:

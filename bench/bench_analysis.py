@@ -36,7 +36,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -46,10 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.heatmaps import downsample  # noqa: E402
-from analysis.stats import stream_tensor_stats  # noqa: E402
+from analysis.heatmaps import downsample
+from analysis.stats import stream_tensor_stats
 
 MB = 1 << 20
 

@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _llava import freeze_vision, llava_from_configs, n_params, random_batch  # noqa: E402
-from spider_reference import ReferenceSpider  # noqa: E402
-
-from spider.methods import build_method  # noqa: E402
+from bench._llava import freeze_vision, llava_from_configs, n_params, random_batch
+from bench.spider_reference import ReferenceSpider
+from spider.methods import build_method
 
 
 def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:

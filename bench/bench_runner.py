@@ -23,22 +23,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spider import train as recipe  # noqa: E402
-from spider.distributed import Dist  # noqa: E402
-from spider.hooks import Checkpointer, Evaluator, ProgressReporter, StatisticsLogger  # noqa: E402
-from spider.loop import LoopHooks, make_optimizer, train_loop  # noqa: E402
-from spider.models import resolve_device  # noqa: E402
-from spider.rundir import RunDir, RunInfoWriter  # noqa: E402
-from spider.train import RunConfig  # noqa: E402
+from spider import train as recipe
+from spider.distributed import Dist
+from spider.hooks import Checkpointer, Evaluator, ProgressReporter, StatisticsLogger
+from spider.loop import LoopHooks, make_optimizer, train_loop
+from spider.models import resolve_device
+from spider.recorder import RunRecorder
+from spider.rundir import RunDir, RunInfoWriter
+from spider.train import RunConfig
 
 
 class Timed:
@@ -75,12 +73,13 @@ def main() -> None:
         get_batch = recipe.batches(cfg, data, model.processor, dist, device)
         optimizer = make_optimizer(list(method.trainable_parameters()), cfg)
         theta0 = {n: t.detach().clone() for n, t in method.effective_weights().items()}
-        info = RunInfoWriter(run, recipe.new_run_info(cfg, model, run, dist, device))
-        info.update()
+        info = RunInfoWriter(run, {})
+        recorder = RunRecorder(run, method, theta0, info)
+        recorder.start(**recipe.new_run_info(cfg, model, run, dist, device))
         evaluator = Evaluator(method, model.processor, data.eval_sets, cfg.eval_limit,
                               cfg.eval_every, cfg.steps, run, info, dist)
-        stats_logger = StatisticsLogger(method, theta0, cfg.log_every, cfg.save_every, cfg.steps,
-                                      run, dist, device)
+        stats_logger = StatisticsLogger(method, recorder, cfg.log_every, cfg.save_every,
+                                        cfg.steps, run, dist)
         checkpointer = Checkpointer(method, optimizer, cfg.save_every, cfg.steps,
                                     cfg.save_dtype, cfg.save_tensors, run, dist, device)
         progress = ProgressReporter(cfg.log_every, cfg.steps, 0, info, evaluator, dist)

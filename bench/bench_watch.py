@@ -30,13 +30,12 @@ import threading
 import time
 from pathlib import Path
 
+import plotly.io as pio
+
+from app import jobs, watch
+from spider.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import plotly.io as pio  # noqa: E402
-
-from app import jobs, watch  # noqa: E402
-from spider.rundir import RunDir  # noqa: E402
 
 # One thread per runner: on a shared 2-core machine two spinning OpenMP threads can be many
 # times slower, which would swamp what is measured here.

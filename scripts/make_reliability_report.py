@@ -3,12 +3,17 @@
     .venv/bin/python scripts/make_reliability_report.py            # the suite as in make test
     .venv/bin/python scripts/make_reliability_report.py --slow     # with its slow variants
     .venv/bin/python scripts/make_reliability_report.py --from results.jsonl   # no run
+    .venv/bin/python scripts/make_reliability_report.py --mutations             # + planted bugs
+    .venv/bin/python scripts/make_reliability_report.py --from R --mutations-from M.json
 
 Each test of the suite appends JSON lines to the file named by ``SPIDER_FAULTS_RESULTS``:
 one per fault or bad input it tried (what, how many times, the outcome it found, the data
 it found lost) and one per test with its pytest outcome (tests/faults/conftest.py). This
 script only groups and counts those lines; nothing in the report is typed by hand except
-the fixed text of ``KNOWN_LIMITS``.
+the fixed text of ``KNOWN_LIMITS``. With ``--mutations`` it also runs
+``scripts/mutation_check.py`` (one planted bug per promise of ARCHITECTURE.md, each in a
+temporary copy of the repository) and adds its table; ``--mutations-from`` takes the JSON an
+earlier ``mutation_check.py --json`` wrote.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ENV = "SPIDER_FAULTS_RESULTS"
 
-CATEGORY_ORDER = ["process killed", "full disk", "concurrent readers", "damaged files",
+CATEGORY_ORDER = ["process killed", "full disk", "concurrent readers",
+                  "statistics agree with checkpoints", "damaged files",
                   "arbitrary input (hypothesis)", "numeric edge", "security"]
 
 KNOWN_LIMITS = """\
@@ -39,10 +45,17 @@ KNOWN_LIMITS = """\
   the suite runs without them that row is reported as skipped, and the portable ENOSPC
   injection (a checkpoint file write that fails after writing part of the file) stands
   for it.
-- SIGKILL kills are placed by time and by watching the run directory (a temporary
-  checkpoint folder appearing, run.json saying an evaluation is under way); where each one
-  landed is read off what the process left, so the split across moments varies between
-  runs of the suite.
+- SIGKILLs of `test_kill_resume.py` are placed by time and by watching the run directory
+  (a temporary checkpoint folder appearing, run.json saying an evaluation is under way), so
+  their split across moments varies between runs of the suite. Those of
+  `test_kill_at_events.py` are placed by counting the run's file changes (Python audit
+  events and safetensors writes at their Python call), so they do not depend on the names
+  the code chooses; a kill lands before an event or just after it returns, never in the
+  middle of one system call (a torn line inside a single write is covered by the readers'
+  unit tests and the damaged-file rows).
+- The planted bugs are text replacements of specific lines; when the code they target
+  moves, `scripts/mutation_check.py` stops and names the bug to re-express rather than
+  report it caught.
 """
 
 
@@ -96,7 +109,43 @@ def _merge(rows: list[dict], tests: dict) -> dict:
     return merged
 
 
-def render(lines: list[dict], seconds: float | None, slow: bool) -> str:
+def run_mutations(output: Path) -> int:
+    """Run scripts/mutation_check.py, its results to ``output``; its exit code."""
+    command = [sys.executable, str(ROOT / "scripts" / "mutation_check.py"), "--json",
+               str(output)]
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+def _short_test(node: str) -> str:
+    """A test's node id without ``tests/`` and with a long function name cut short."""
+    path, _, name = node.removeprefix("tests/").partition("::")
+    if len(name) > 48:
+        name = name[:40] + "…" + (name[name.index("["):] if "[" in name else "")
+    return f"{path}::{name}" if name else path
+
+
+def render_mutations(mutations: dict) -> list[str]:
+    """The planted-bugs section from what mutation_check.py wrote."""
+    results = mutations["results"]
+    caught = sum(r["caught"] for r in results)
+    out = ["## Planted bugs", "",
+           "`scripts/mutation_check.py` plants one bug per promise of ARCHITECTURE.md in a "
+           "temporary copy of the repository and runs the tests that guard that promise "
+           "(first on the unpatched copy, where they pass). A bug is caught when one of them "
+           f"fails. {caught} of {len(results)} planted bugs caught; the check took "
+           f"{mutations['seconds']:.0f} s.", "",
+           "| planted bug | promise it breaks | caught | tests that guard it | pytest | seconds |",
+           "| --- | --- | --- | --- | --- | ---: |"]
+    for r in results:
+        tests = "<br>".join(f"`{_cell(_short_test(t))}`" for t in r["tests"])
+        out.append(f"| {_cell(r['bug'])} (`{r['file']}`) | {_cell(r['promise'])} | "
+                   f"{'yes' if r['caught'] else '**no**'} | {tests} | {_cell(r['pytest'])} | "
+                   f"{r['seconds']:.0f} |")
+    return out + [""]
+
+
+def render(lines: list[dict], seconds: float | None, slow: bool,
+           mutations: dict | None = None) -> str:
     tests = {r["test"]: r for r in lines if r.get("kind") == "test"}
     grouped = defaultdict(list)
     for r in lines:
@@ -130,10 +179,13 @@ def render(lines: list[dict], seconds: float | None, slow: bool) -> str:
            f"{counts.get('skipped', 0)} skipped. Faults and bad inputs tried: {len(faults)} "
            f"kinds, {sum(int(r['tries']) for r in faults)} tries in all; data lost: "
            f"{sum(int(r['data_lost']) for r in faults)}.", ""]
-    out += ["\"Data lost\" counts what a test found gone or different afterwards: a complete "
-            "checkpoint tensor, event or statistics row that differs from the same run never "
-            "interrupted, or is missing once the run is continued to its end. It must be 0.",
-            ""]
+    out += ["\"Data lost\" counts what a test found gone or different afterwards, by "
+            "comparison in every row: a complete checkpoint tensor, event or statistics row "
+            "that differs from the same run never interrupted, or is missing once the run is "
+            "continued to its end; a statistics row that does not describe its checkpoint; a "
+            "read of an undamaged file that no longer gives the undamaged value; a file that "
+            "an operation which must not write (a refused run, a reader, a scan) changed. It "
+            "must be 0.", ""]
     for category in order:
         rows = by_category.get(category)
         if not rows:
@@ -154,6 +206,8 @@ def render(lines: list[dict], seconds: float | None, slow: bool) -> str:
     failed = [t for t in tests.values() if t["outcome"] == "failed"]
     if failed:
         out += ["## Failed", ""] + [f"- `{t['test']}`" for t in failed] + [""]
+    if mutations:
+        out += render_mutations(mutations)
     out += ["## Time per test", "", "| test | seconds | result |", "| --- | ---: | --- |"]
     out += [f"| `{_cell(t['test'].removeprefix('tests/faults/'))}` | {t['seconds']:.1f} | "
             f"{t['outcome']} |" for t in sorted(tests.values(), key=lambda t: -t["seconds"])]
@@ -168,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", action="store_true", help="include the slow variants")
     parser.add_argument("--workers", type=int, default=2, help="pytest -n (default 2)")
     parser.add_argument("--output", type=Path, default=ROOT / "RELIABILITY.md")
+    parser.add_argument("--mutations", action="store_true",
+                        help="also run scripts/mutation_check.py and add its table")
+    parser.add_argument("--mutations-from", type=Path,
+                        help="the JSON of an earlier `mutation_check.py --json` run")
     args = parser.parse_args(argv)
     code, seconds = 0, None
     if args.source is not None:
@@ -180,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {results} holds no records; was the suite run?", file=sys.stderr)
         return 2
     slow = args.slow or any(r.get("slow") for r in lines if r.get("kind") == "test")
-    args.output.write_text(render(lines, seconds, slow))
+    mutations = None
+    if args.mutations:
+        found = Path(tempfile.mkstemp(prefix="spider-mutations-", suffix=".json")[1])
+        code = run_mutations(found) or code
+        args.mutations_from = found
+    if args.mutations_from is not None:
+        mutations = json.loads(args.mutations_from.read_text())
+    args.output.write_text(render(lines, seconds, slow, mutations))
     print(f"wrote {args.output} ({sum(1 for r in lines if r.get('kind') == 'fault')} records)")
     return code
 

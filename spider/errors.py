@@ -8,6 +8,9 @@
 * ``RunCancelled`` — stopped on request (SIGTERM, Ctrl-C) after saving: how to continue;
   exit 130, as for Ctrl-C.
 * anything else is a bug, and its traceback is printed as Python does.
+
+Every command parses its flags with :class:`CliParser`: a bad flag is one ``error:`` line
+naming it, exit 2, the same as a ``UserError``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,35 @@ def cli_main(func: F) -> F:
             raise SystemExit(EXIT_CANCELLED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class CliParser(argparse.ArgumentParser):
+    """The argument parser of every command of the project.
+
+    A bad flag or a missing argument is one line, ``error: argument --lr: invalid float
+    value: 'abc'`` (naming the flag), and exit 2, like any other ``UserError``, instead of
+    argparse's whole usage text; ``--help`` shows each default. Sub-commands
+    (``add_subparsers``) are made of this class too.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 def positive_int(text: str) -> int:

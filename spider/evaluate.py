@@ -18,7 +18,7 @@ import torch
 
 from spider.data.collate import GenerationCollator
 from spider.data.records import Example
-from spider.errors import UserError, cli_main, positive_int
+from spider.errors import CliParser, UserError, cli_main, positive_int
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -92,11 +92,13 @@ def evaluate(
     limit: int | None = None,
     max_new_tokens: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    keep_predictions: bool = False,
 ) -> dict:
     """Score ``model`` on the first ``limit`` examples of ``dataset`` (all when ``None``).
 
     Returns ``spider.metrics.score_predictions``'s dict (``score`` in [0, 1], per-task
-    results) with ``n``, ``seconds`` (generation and scoring) and ``examples_per_second``.
+    results) with ``n``, ``seconds`` (generation and scoring) and ``examples_per_second``;
+    with ``keep_predictions``, ``predictions`` too (the answers, in example order).
     """
     from spider.metrics import score_predictions
 
@@ -109,11 +111,13 @@ def evaluate(
     result = dict(score_predictions(examples, predictions))
     seconds = time.perf_counter() - start
     result.update(n=count, seconds=round(seconds, 3), examples_per_second=round(count / seconds, 3))
+    if keep_predictions:
+        result["predictions"] = predictions
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m spider.evaluate",
         description="Answer every question of a dataset with a model and print the scores as JSON.",
     )

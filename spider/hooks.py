@@ -19,21 +19,26 @@ from typing import Any
 
 import torch
 
-from spider.distributed import Dist, gather_full, is_sharded, local, shard_of, sum_across
+from spider.distributed import Dist, gather_full, is_sharded, local, shard_of
 from spider.errors import UserError
-from spider.importance import sum_of_squares
 from spider.loop import LoopHooks
+from spider.methods.base import Method
+from spider.recorder import RunRecorder
 from spider.rundir import (
     EvalEvent,
     ResumeState,
     RunDir,
     RunInfoWriter,
-    StatisticsRow,
     TrainEvent,
     optimizer_groups,
     split_state_key,
 )
 
+DRIFT_SPLIT = "upstream"  # the split whose answers the drift metrics describe
+# kl_to_base is measured on the first 32 of them: one teacher-forced forward pass of a
+# prompt full of image tokens costs nearly a generation, and 32 keep drift <= 15 % of an
+# evaluation's time (the answer forms are read off every evaluated answer, for free)
+DRIFT_KL_EXAMPLES = 32
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,20 +49,83 @@ def _every(step: int, every: int, steps: int) -> bool:
 
 class Evaluator(LoopHooks):
     """Scores the model on every evaluation split at step 0, every ``every`` steps and at the
-    end; marks ``progress.evaluating`` in run.json meanwhile (an ETA leaves the pause out)."""
+    end; marks ``progress.evaluating`` in run.json meanwhile (an ETA leaves the pause out).
 
-    def __init__(self, method, processor, eval_sets: dict, limit: int, every: int, steps: int,
+    On the ``upstream`` split it also logs the output drift: ``kl_to_base``
+    (``spider.drift``, on the first :data:`DRIFT_KL_EXAMPLES` examples; the step-0
+    distributions are kept in the run directory, so a resumed run compares with the same
+    base), ``format_errors``, ``content_errors`` and
+    ``answer_type_drift`` (``spider.answer_forms``; the downstream form is the downstream
+    split's answers'). Their time is in ``drift_durations``."""
+
+    def __init__(self, method: Method, processor, eval_sets: dict, limit: int, every: int, steps: int,
                  run: RunDir, info: RunInfoWriter, dist: Dist,
                  warm_batch: Callable[[], dict] | None = None):
         self.method, self.processor, self.eval_sets = method, processor, eval_sets
         self.limit, self.every, self.steps = limit, every, steps
         self.run, self.info, self.dist, self.warm_batch = run, info, dist, warm_batch
         self.durations: list[float] = []
+        self.drift_durations: list[float] = []
         self._fsdp_ready = False
+        self._upstream: list | None = None  # the upstream examples evaluated, made once
+        self._base: tuple[torch.Tensor, torch.Tensor] | None = None  # step-0 log-probs, counts
+        self._base_missing = False
+        self._downstream_form: str | None = None  # "" when there is no downstream split
 
     def after_step(self, step: int, record: dict) -> None:
         if _every(step, self.every, self.steps):
             self.evaluate(step)
+
+    def _upstream_examples(self, data) -> list:
+        if self._upstream is None:
+            self._upstream = [data[i] for i in range(min(self.limit, len(data)))]
+        return self._upstream
+
+    def drift(self, step: int, model, examples: list, predictions: list[str]) -> list[EvalEvent]:
+        """The drift metrics of the upstream answers at ``step`` (see the class)."""
+        from spider.answer_forms import dominant_form, form_metrics
+        from spider.drift import answer_log_probs, kl_divergence
+
+        t0 = time.perf_counter()
+        if self._downstream_form is None:
+            downstream = self.eval_sets.get("downstream")
+            self._downstream_form = (dominant_form(
+                [downstream[i] for i in range(min(self.limit, len(downstream)))])
+                if downstream is not None else "")
+        values = form_metrics(examples, predictions, self._downstream_form or None)
+        events = [EvalEvent(step, DRIFT_SPLIT, name, float(value), len(examples))
+                  for name, value in values.items()]
+        probed = examples[:DRIFT_KL_EXAMPLES]
+        tuned = answer_log_probs(model, self.processor, probed)
+        base = self._base_log_probs(step, tuned)
+        if base is not None:
+            events.append(EvalEvent(step, DRIFT_SPLIT, "kl_to_base",
+                                    kl_divergence(base[0], tuned[0], base[1]), len(probed)))
+        self.drift_durations.append(time.perf_counter() - t0)
+        return events
+
+    def _base_log_probs(self, step: int, tuned: tuple[torch.Tensor, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step-0 model's: ``tuned`` itself at step 0 (kept, and written to the run
+        directory), else those kept or stored (a resumed run); None when there are none."""
+        if self._base is not None or self._base_missing:
+            return self._base
+        if step == 0:
+            self._base = tuned
+            if self.dist.is_main:
+                self.run.write_drift_base({"log_probs": tuned[0], "counts": tuned[1]},
+                                          {"examples": str(len(tuned[1]))})
+            return self._base
+        stored = self.run.read_drift_base()
+        if (stored is not None and stored[0].get("log_probs") is not None
+                and stored[0]["log_probs"].shape == tuned[0].shape
+                and torch.equal(stored[0]["counts"], tuned[1])):
+            self._base = stored[0]["log_probs"], stored[0]["counts"]
+        else:
+            self._base_missing = True
+            print(f"{self.run.drift_base_file} is missing or was made on other examples: "
+                  "kl_to_base is not logged", file=sys.stderr)
+        return self._base
 
     def evals_left(self, step: int) -> int:
         """Evaluations after ``step``: the periodic ones still to come, and the final one."""
@@ -91,11 +159,19 @@ class Evaluator(LoopHooks):
         scores, events = {}, []
         try:
             for split, data in self.eval_sets.items():
-                result = evaluate(model, self.processor, data, batch_size=64, limit=self.limit)
+                upstream = split == DRIFT_SPLIT
+                if upstream:
+                    data = self._upstream_examples(data)
+                result = evaluate(model, self.processor, data, batch_size=64, limit=self.limit,
+                                  keep_predictions=upstream)
                 scores[split] = result["score"]
                 events.append(EvalEvent(step, split, "score", result["score"], result["n"]))
                 for task, entry in result["tasks"].items():
                     events.append(EvalEvent(step, split, f"task:{task}", entry["score"]))
+                if upstream:
+                    events += self.drift(step, model, data, result["predictions"])
+                    if self.dist.mode == "fsdp":
+                        model.unshard()  # the drift's forward resharded the root's parameters
         finally:
             model.train()
             if self.dist.mode == "fsdp":
@@ -115,7 +191,8 @@ class Evaluator(LoopHooks):
 
 
 class StatisticsLogger(LoopHooks):
-    """Train events to ``metrics.jsonl`` and per-parameter statistics to ``layers.jsonl``.
+    """Train events to ``metrics.jsonl`` and per-parameter statistics to ``layers.jsonl``
+    (through the run recorder, ``spider.recorder.RunRecorder``, as the HF callback does).
 
     Statistics of step k describe the state a checkpoint of step k holds: they come out of
     step k's update (the method collects them when asked before the step), and at the end
@@ -124,11 +201,11 @@ class StatisticsLogger(LoopHooks):
     resumed run's events have no gap.
     """
 
-    def __init__(self, method, theta0: dict[str, torch.Tensor], every: int, save_every: int,
-                 steps: int, run: RunDir, dist: Dist, device: torch.device):
-        self.method, self.theta0 = method, theta0
+    def __init__(self, method: Method, recorder: RunRecorder, every: int, save_every: int,
+                 steps: int, run: RunDir, dist: Dist):
+        self.method, self.recorder = method, recorder
         self.every, self.save_every, self.steps = every, save_every, steps
-        self.run, self.dist, self.device = run, dist, device
+        self.run, self.dist = run, dist
         self.pending: list[TrainEvent] = []
 
     def logs_at(self, step: int) -> bool:
@@ -157,25 +234,8 @@ class StatisticsLogger(LoopHooks):
         self._write_rows(step, self.method.compute_statistics() if acted
                          else self.method.statistics())
 
-    @torch.no_grad()
     def _write_rows(self, step: int, stats: dict[str, dict[str, float]]) -> None:
-        if not self.dist.sees_whole_model:
-            return
-        weights = self.method.effective_weights()
-        # squared norms of theta0 and of the update, per tensor (of this process's shards,
-        # summed over processes under FSDP2 in one all-reduce)
-        squares = torch.tensor([
-            [float(sum_of_squares(local(self.theta0[name]).float().reshape(-1))),
-             float(sum_of_squares((local(weight).float() - local(self.theta0[name])).reshape(-1)))]
-            for name, weight in weights.items()], dtype=torch.float64).reshape(-1, 2)
-        if self.dist.mode == "fsdp":
-            squares = sum_across(squares.to(self.device)).cpu()
-        rows = [StatisticsRow(step, name, weight.numel(), stats.get(name, {}), update_sq ** 0.5,
-                              base_sq ** 0.5)
-                for (name, weight), (base_sq, update_sq) in zip(weights.items(),
-                                                                squares.tolist())]
-        if self.dist.is_main:
-            self.run.append_layers(rows)
+        self.recorder.write_statistics(step, stats)
 
 
 class Checkpointer(LoopHooks):
@@ -183,7 +243,7 @@ class Checkpointer(LoopHooks):
     the resume state. Both hold whole tensors; under FSDP2 they are gathered one at a time
     (every process takes part) and process 0 writes them."""
 
-    def __init__(self, method, optimizer: torch.optim.Optimizer, every: int, steps: int,
+    def __init__(self, method: Method, optimizer: torch.optim.Optimizer, every: int, steps: int,
                  save_dtype: str, save_tensors: str, run: RunDir, dist: Dist,
                  device: torch.device):
         self.method, self.optimizer, self.every, self.steps = method, optimizer, every, steps

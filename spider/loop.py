@@ -51,7 +51,8 @@ class LoopConfig:
 def add_config_flags(parser, config_cls: type) -> None:
     """One ``--flag`` per field of ``config_cls`` that has help (``_`` -> ``-``), typed
     like the field; a bool field is a switch. Unset flags are left out of the parse
-    (``argument_default=SUPPRESS`` on the parser) so the dataclass's defaults apply."""
+    (``argument_default=SUPPRESS`` on the parser) so the dataclass's defaults apply; the
+    help text shows each default."""
     from pathlib import Path
 
     kinds = {"int": int, "float": float, "str": str, "Path": Path}
@@ -59,12 +60,18 @@ def add_config_flags(parser, config_cls: type) -> None:
         if "help" not in field.metadata or field.type in ("dict", dict):
             continue
         flag = "--" + field.name.replace("_", "-")
+        text = field.metadata["help"]
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=field.metadata["help"])
-        else:
-            kind = kinds.get(field.type if isinstance(field.type, str) else field.type.__name__,
-                             str)
-            parser.add_argument(flag, type=kind, help=field.metadata["help"])
+            parser.add_argument(flag, action="store_true", help=text)
+            continue
+        default = field.default if field.default_factory is dataclasses.MISSING else (
+            field.default_factory())
+        if default is not dataclasses.MISSING and default not in (None, "") and (
+                "default" not in text.lower()):
+            text = f"{text} (default: {str(default).replace('%', '%%')})"
+        kind = kinds.get(field.type if isinstance(field.type, str) else field.type.__name__,
+                         str)
+        parser.add_argument(flag, type=kind, help=text)
 
 
 class LossNotFinite(RunFailed):
@@ -203,7 +210,12 @@ def train_loop(
             # several processes: gradients are averaged once, after the last micro-batch
             with gradient_sync(model, micro == cfg.grad_accum - 1):
                 with autocast():
-                    loss = model(**batch).loss
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    extra = method.output_penalty(batch, outputs)  # LwF: from the outputs
+                    if extra is not None:
+                        loss = loss + extra
+                    del outputs
                 penalty = method.loss_penalty()
                 if penalty is not None:
                     loss = loss + penalty

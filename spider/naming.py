@@ -17,6 +17,15 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+COMPONENTS = ("vision", "projector", "llm", "other")
+"""The components in model order (image in, text out): every listing, table and figure of
+components follows it."""
+
+
+def component_rank(component: str) -> int:
+    """Position of ``component`` in :data:`COMPONENTS` (unknown ones after them)."""
+    return COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS)
+
 
 class ParamName(NamedTuple):
     """What a parameter is.

@@ -1,6 +1,6 @@
 """Pre-train the bundled tiny LLaVA on ``builtin:upstream`` (``python -m spider.pretrain``).
 
-Builds a fresh ``LlavaForConditionalGeneration`` (``spider.models.build_tiny_llava``) with a
+Builds a fresh ``LlavaForConditionalGeneration`` (``spider.tiny_llava.build_tiny_llava``) with a
 word-level tokenizer over the built-in vocabulary, trains every part of it (vision tower,
 projector, language model) with the project's one training loop and the ``full`` method,
 evaluates it on the test split of the upstream mixture, and saves it with ``save_pretrained``
@@ -22,7 +22,7 @@ import torch
 
 from spider.data import IMAGE_SIZE, load_dataset, vocabulary
 from spider.data.collate import TrainCollator
-from spider.errors import UserError, cli_main
+from spider.errors import CliParser, UserError, cli_main
 from spider.loop import (
     BatchSampler,
     LoopConfig,
@@ -33,8 +33,9 @@ from spider.loop import (
     train_loop,
 )
 from spider.methods import build_method
-from spider.models import build_tiny_llava, resolve_device
+from spider.models import resolve_device
 from spider.rundir import swap_into_place
+from spider.tiny_llava import build_tiny_llava
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "tiny-llava-base"
 
@@ -228,8 +229,8 @@ Reproduce (into a new folder; `--overwrite` replaces one): `python -m spider.pre
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m spider.pretrain", description=__doc__,
-                                     argument_default=argparse.SUPPRESS)
+    parser = CliParser(prog="python -m spider.pretrain", description=__doc__,
+                       argument_default=argparse.SUPPRESS)
     add_config_flags(parser, PretrainConfig)
     cfg = PretrainConfig(**vars(parser.parse_args(argv)))
     facts = pretrain(cfg)

@@ -4,10 +4,17 @@ Layout::
 
     RUN/run.json                       schema_version, config, method, model, seed, versions,
                                        status, the process (pid, its start time, host),
-                                       heartbeat, progress, summary (rewritten atomically)
+                                       heartbeat, progress, summary, and once finished the
+                                       listing record (LISTING_KEY) (rewritten atomically)
     RUN/metrics.jsonl                  one event per line (TrainEvent, EvalEvent), appended;
                                        a torn last line from a killed run is ignored
     RUN/layers.jsonl                   per (step, parameter) statistics (StatisticsRow)
+    RUN/layers.parquet                 the same rows, columnar, in place of layers.jsonl once
+                                       a run whose log is large has finished (compact_layers)
+    RUN/drift_base.safetensors         the step-0 model's answer log-probabilities on the
+                                       upstream evaluation examples (``spider.drift``)
+    RUN/attribution.jsonl              scores with groups of updates reverted
+                                       (AttributionRow, written by ``analysis.attribute``)
     RUN/checkpoints/step-NNNNNN/       one folder per checkpoint, made under a temporary name
         meta.json                      and renamed into place whole (CheckpointMeta)
         weights.safetensors            the trained tensors' values at that step (LoRA merged)
@@ -24,6 +31,18 @@ module spells a file or group name.
 ``finalized`` to checkpoint metadata (whether the checkpoint was written after a post-hoc
 method's ``finalize``), and takes the final step's statistics after ``finalize``. Runs of
 version 1 still load: their checkpoints' ``finalized`` is inferred (``step >= steps``).
+A new statistics column (``spider.statistics``, e.g. ``mask_churn``) is no new version:
+readers take a column a row lacks as NaN.
+
+**Reading while a run writes.** :class:`LogTail` (``RunDir.tail_events()``,
+``tail_layers()``) reads the rows appended to a log since the last read (complete lines
+only); the process record and heartbeat are :mod:`spider.liveness`'s.
+
+**At scale.** Logs are parsed in bulk (:func:`_jsonl_table`, ``pyarrow.json``), row by row
+only where that cannot take the file as it is (a torn or damaged line: the row reader names
+it). A finished run's large ``layers.jsonl`` becomes ``layers.parquet``
+(:meth:`RunDir.compact_layers`), and its ``run.json`` gets a listing record
+(:meth:`RunDir.listing_record`) that lets ``list_runs`` skip reading an unchanged run.
 
 **Lifecycle.** ``run.json``'s ``status`` is ``running`` while training, then ``done``,
 ``failed`` (with ``error``) or ``cancelled`` (SIGTERM or Ctrl-C; continue with ``--resume``).
@@ -44,7 +63,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -56,16 +74,29 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from spider import liveness, statistics
 from spider.errors import UserError
+from spider.liveness import (  # noqa: F401  (re-exported: the run's process record)
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_STALE_INTERVALS,
+    process_alive,
+    process_record,
+    process_start_time,
+)
 
 SCHEMA_VERSION = 2
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LAYERS_FILE = "layers.jsonl"
+LAYERS_PARQUET_FILE = "layers.parquet"  # a finished run's statistics, columnar (compacted)
+LAYERS_PARQUET_MIN_BYTES = 16 << 20  # layers.jsonl of at least this size is compacted
+DRIFT_BASE_FILE = "drift_base.safetensors"  # the step-0 answer distributions (spider.drift)
+ATTRIBUTION_FILE = "attribution.jsonl"  # analysis.attribute: scores with updates reverted
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_META = "meta.json"
 STEP_PREFIX = "step-"
 RESUME = "resume"
+LISTING_KEY = "listing"  # run.json: the fingerprint of a finished run's files (list_runs)
 _TMP_PREFIX = ".tmp-"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -84,8 +115,6 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 STOPPED_UNEXPECTEDLY = "stopped unexpectedly"
 STATUSES = (RUNNING, DONE, FAILED, CANCELLED, STOPPED_UNEXPECTEDLY)
 
-HEARTBEAT_INTERVAL_S = 10.0
-HEARTBEAT_STALE_INTERVALS = 6  # a heartbeat older than this many intervals is stale
 
 
 # ------------------------------------------------------------------------- atomic writes
@@ -165,20 +194,37 @@ def _event_json(event: TrainEvent | EvalEvent | Mapping) -> dict:
     return dict(event)
 
 
-def _stat_columns() -> tuple[str, ...]:
-    from spider.methods.base import STAT_COLUMNS  # the methods define what they report
+@dataclasses.dataclass(frozen=True)
+class AttributionRow:
+    """One line of ``attribution.jsonl``: the checkpoint of ``step`` with the update of
+    ``group`` (``by`` component, layer or module; ``(none)``, ``(all)``) reverted to theta0,
+    scored on the run's evaluation splits (``scores``: split -> main score)."""
 
-    return STAT_COLUMNS
+    step: int
+    by: str
+    group: str
+    scores: dict[str, float]
+    params: int  # how many tensors the group reverts
+    limit: int  # examples per split
+
+    @classmethod
+    def from_json(cls, row: dict, file: Path) -> AttributionRow:
+        try:
+            return cls(int(row["step"]), str(row["by"]), str(row["group"]),
+                       {str(k): float(v) for k, v in dict(row["scores"]).items()},
+                       int(row.get("params", 0)), int(row.get("limit", 0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{file}: a row lacks or mangles {err}") from None
 
 
-STATISTICS_COLUMNS = ("step", "param", "numel", *_stat_columns(), "update_norm",
-                      "update_rel_norm", "theta0_norm")
+STATISTICS_COLUMNS = ("step", "param", "numel", *statistics.LAYERS_FILE_COLUMNS)
 """Columns of a ``layers.jsonl`` row (:class:`StatisticsRow`), in order."""
 
 
 @dataclasses.dataclass(frozen=True)
 class StatisticsRow:
-    """Per-parameter statistics at one step: the method's ``STAT_COLUMNS`` and update norms."""
+    """Per-parameter statistics at one step: what the method reports
+    (``spider.statistics.METHOD_COLUMNS``) and the update norms."""
 
     step: int
     param: str
@@ -189,7 +235,7 @@ class StatisticsRow:
 
     def to_json(self) -> dict:
         row: dict[str, Any] = {"step": self.step, "param": self.param, "numel": self.numel}
-        row.update({c: float(self.stats.get(c, math.nan)) for c in _stat_columns()})
+        row.update({c: float(self.stats.get(c, math.nan)) for c in statistics.METHOD_COLUMNS})
         row.update(update_norm=self.update_norm,
                    update_rel_norm=(self.update_norm / self.theta0_norm if self.theta0_norm
                                     else math.nan),
@@ -270,61 +316,8 @@ def split_state_key(key: str) -> tuple[str, str | None]:
 
 
 # ------------------------------------------------------------------------- the process
-def process_start_time(pid: int) -> int | None:
-    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat``
-    field 22), or None where there is no such process, it has exited (a zombie not yet
-    reaped by its parent), or there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-    fields = stat[stat.rfind(")") + 2:].split()
-    try:
-        return None if fields[0] in ("Z", "X") else int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: int | None, start_time: int | None = None) -> bool:
-    """Whether ``pid`` runs on this machine and, when ``start_time`` is given, is still the
-    same process (a reused pid has another start time)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    now = process_start_time(pid)
-    if now is not None:
-        return start_time is None or now == start_time
-    if Path("/proc/self/stat").exists():
-        return False  # /proc works here and has no such (living) process
-    try:  # no /proc (macOS): existence only
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def process_record(pid: int | None = None) -> dict:
-    """What run.json records about the process that trains: pid, its start time, host."""
-    pid = os.getpid() if pid is None else pid
-    return {"pid": pid, "pid_start_time": process_start_time(pid),
-            "hostname": socket.gethostname(), "boot_id": _boot_id()}
-
-
-def _process_alive(info: Mapping) -> bool:
-    """Whether the process run.json names still runs (asked on the host it ran on)."""
-    boot = info.get("boot_id")
-    if boot and _boot_id() and boot != _boot_id():
-        return False  # the machine rebooted since
-    return process_alive(info.get("pid"), info.get("pid_start_time"))
+# Process liveness (pid, start time, boot id, heartbeat age) is spider.liveness; its names
+# are re-exported here for the readers that know run directories only.
 
 
 def effective_status(run_dir_or_info: str | os.PathLike | RunDir | Mapping,
@@ -341,17 +334,12 @@ def effective_status(run_dir_or_info: str | os.PathLike | RunDir | Mapping,
     status = str(info.get("status", RUNNING))
     if status != RUNNING:
         return status
-    host = info.get("hostname")
-    if host is None or host == socket.gethostname():
+    if liveness.on_this_host(info):
         if "pid" not in info:
             return RUNNING  # nothing to check against
-        return RUNNING if _process_alive(info) else STOPPED_UNEXPECTEDLY
-    beat = info.get("heartbeat")
-    if not isinstance(beat, (int, float)):
-        return RUNNING  # another host, no heartbeat: nothing to tell it by
-    interval = float(info.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S)
-    age = (time.time() if now is None else now) - beat
-    return STOPPED_UNEXPECTEDLY if age > HEARTBEAT_STALE_INTERVALS * interval else RUNNING
+        return RUNNING if liveness.record_alive(info) else STOPPED_UNEXPECTEDLY
+    # another host: only the heartbeat's age tells (none: nothing to tell it by)
+    return STOPPED_UNEXPECTEDLY if liveness.heartbeat_stale(info, now) else RUNNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,8 +394,7 @@ class RunInfoWriter:
                  interval: float = HEARTBEAT_INTERVAL_S):
         self.run, self.info, self.enabled, self.interval = run, dict(info), enabled, interval
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._heart: liveness.Heartbeat | None = None
 
     def update(self, **changes: Any) -> dict:
         with self._lock:
@@ -431,36 +418,20 @@ class RunInfoWriter:
             self.run.write_run(self.info)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                with self._lock:
-                    self._write()
-            except OSError:
-                pass  # a full disk: the main thread finds out at its next write
+        with self._lock:
+            self._write()
 
-    def heartbeat(self) -> _Heartbeat:
-        """Context manager: keep the heartbeat going while inside."""
-        return _Heartbeat(self)
+    @property
+    def _thread(self):
+        """The heartbeat thread while one runs (None otherwise)."""
+        return self._heart._thread if self._heart is not None else None
 
-
-class _Heartbeat:
-    def __init__(self, writer: RunInfoWriter):
-        self.writer = writer
-
-    def __enter__(self) -> RunInfoWriter:
-        w = self.writer
-        if w.enabled and w._thread is None:
-            w._stop.clear()
-            w._thread = threading.Thread(target=w._beat, name="run-heartbeat", daemon=True)
-            w._thread.start()
-        return w
-
-    def __exit__(self, *exc) -> None:
-        w = self.writer
-        if w._thread is not None:
-            w._stop.set()
-            w._thread.join()
-            w._thread = None
+    def heartbeat(self) -> liveness.Heartbeat:
+        """Context manager: keep the heartbeat going while inside (a daemon thread,
+        :class:`spider.liveness.Heartbeat`, rewrites run.json every ``interval`` s)."""
+        if self._heart is None:
+            self._heart = liveness.Heartbeat(self._beat, self.interval)
+        return self._heart
 
 
 # ------------------------------------------------------------------------- the run folder
@@ -519,7 +490,8 @@ class RunDir:
             return (not self.run_file.exists() and self.path.is_dir()
                     and all(p.name.startswith(_TMP_PREFIX) for p in self.path.iterdir()))
         progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
-        known = {RUN_FILE, METRICS_FILE, LAYERS_FILE, CHECKPOINTS, RESUME}
+        known = {RUN_FILE, METRICS_FILE, LAYERS_FILE, LAYERS_PARQUET_FILE, DRIFT_BASE_FILE,
+                 CHECKPOINTS, RESUME}
         return (effective_status(info) in (FAILED, CANCELLED, STOPPED_UNEXPECTEDLY)
                 and not progress.get("step") and not self.checkpoint_steps()
                 and not (self.resume_dir / CHECKPOINT_META).exists()
@@ -530,7 +502,8 @@ class RunDir:
     def clear(self) -> None:
         """Remove what a run wrote (only the files of the format; used for a run that never
         trained, before it starts again in place)."""
-        for name in (METRICS_FILE, LAYERS_FILE, RUN_FILE):
+        for name in (METRICS_FILE, LAYERS_FILE, LAYERS_PARQUET_FILE, DRIFT_BASE_FILE,
+                     ATTRIBUTION_FILE, RUN_FILE):
             (self.path / name).unlink(missing_ok=True)
         for name in (CHECKPOINTS, RESUME):
             shutil.rmtree(self.path / name, ignore_errors=True)
@@ -567,10 +540,159 @@ class RunDir:
                       (r.to_json() if isinstance(r, StatisticsRow) else r for r in rows))
 
     def read_layers(self) -> list[dict]:
+        """Every statistics row, as a dict (see :meth:`read_layers_frame` for the frame)."""
+        if self.layers_parquet_file.exists():
+            return self.read_layers_frame().to_dict("records")
         return _read_jsonl(self.layers_file)
+
+    @property
+    def layers_parquet_file(self) -> Path:
+        return self.path / LAYERS_PARQUET_FILE
+
+    def read_layers_frame(self):
+        """The statistics rows as a ``pandas.DataFrame`` (one column per logged field, in
+        the order they first appear; NaN where a row lacks one): from ``layers.parquet``
+        when the run's log was compacted (:meth:`compact_layers`), else from
+        ``layers.jsonl``, parsed in bulk (:func:`_read_jsonl_frame`) with the errors of
+        :meth:`read_layers`. Empty when the run logged none."""
+        import pandas as pd
+
+        for _ in range(2):  # the log may be compacted between the two looks: look again
+            if self.layers_parquet_file.exists():
+                return _read_parquet_frame(self.layers_parquet_file)
+            frame = _read_jsonl_frame(self.layers_file)
+            if frame is not None:
+                return frame
+        return pd.DataFrame()
+
+    def layers_files(self) -> list[Path]:
+        """The files holding the run's statistics rows (none when it logged none)."""
+        return [f for f in (self.layers_parquet_file, self.layers_file) if f.is_file()][:1]
+
+    def compact_layers(self, min_bytes: int | None = None) -> bool:
+        """Rewrite a finished run's ``layers.jsonl`` as ``layers.parquet`` (columnar, zstd:
+        about a sixth of the size, read in bulk) when it holds at least ``min_bytes``; the
+        run recorder calls it once the run's last row is written (``min_bytes`` None:
+        :data:`LAYERS_PARQUET_MIN_BYTES`). The Parquet file is
+        written whole under a temporary name and renamed into place before the log is
+        removed, so a kill leaves the log, or both (readers take the Parquet file), never
+        neither. A log the bulk parser cannot take as it is (damaged, mixed types) is left
+        as it is. True when compacted."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            size = self.layers_file.stat().st_size
+        except OSError:
+            return False
+        if size < (LAYERS_PARQUET_MIN_BYTES if min_bytes is None else min_bytes):
+            return False
+        table = _jsonl_table(self.layers_file)
+        if table is None:
+            return False
+        sink = pa.BufferOutputStream()
+        floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+        # floats split by byte before zstd: a quarter smaller, and faster to read
+        pq.write_table(table, sink, compression="zstd", row_group_size=1 << 16,
+                       use_byte_stream_split=floats or False,
+                       use_dictionary=[f.name for f in table.schema if f.name not in floats])
+        atomic_write_bytes(self.layers_parquet_file, sink.getvalue().to_pybytes())
+        self.layers_file.unlink()
+        return True
+
+    def tail_events(self) -> LogTail:
+        """An incremental reader of ``metrics.jsonl`` (:class:`LogTail`)."""
+        return LogTail(self.metrics_file)
+
+    # -- drift_base.safetensors (the base model's answer distributions) and attribution.jsonl
+    @property
+    def drift_base_file(self) -> Path:
+        return self.path / DRIFT_BASE_FILE
+
+    def write_drift_base(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """The step-0 model's answer log-probabilities (``spider.drift``), written whole."""
+        tmp = self.path / f"{_TMP_PREFIX}{DRIFT_BASE_FILE}"
+        try:
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, self.drift_base_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_drift_base(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """What :meth:`write_drift_base` wrote (None when absent)."""
+        file = self.drift_base_file
+        if not file.exists():
+            return None
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+        except Exception as err:
+            raise UserError(f"{file} is damaged or not safetensors "
+                            f"({str(err).splitlines()[0][:120]})") from None
+
+    @property
+    def attribution_file(self) -> Path:
+        return self.path / ATTRIBUTION_FILE
+
+    def append_attribution(self, rows: Iterable[AttributionRow]) -> None:
+        """Append rows of ``analysis.attribute``, flushed to disk before returning."""
+        _append_jsonl(self.attribution_file, (dataclasses.asdict(r) for r in rows))
+
+    def read_attribution(self) -> list[AttributionRow]:
+        """Every complete row of ``attribution.jsonl`` (none when absent)."""
+        return [AttributionRow.from_json(r, self.attribution_file)
+                for r in _read_jsonl(self.attribution_file)]
+
+    def tail_layers(self) -> LogTail:
+        """An incremental reader of ``layers.jsonl`` (:class:`LogTail`); once the run's log
+        is compacted (:meth:`compact_layers`), its rows are read from ``layers.parquet``."""
+        return _LayersTail(self.layers_file, self.layers_parquet_file)
 
     def truncate_layers(self, keep_through_step: int) -> None:
         _truncate_jsonl(self.layers_file, keep_through_step)
+
+    # -- the listing record: what ``list_runs`` may take from run.json without the logs
+    def files_fingerprint(self) -> dict[str, list[int]]:
+        """``[size, mtime_ns]`` of every file the listing checks (the logs and each complete
+        checkpoint's files), by path relative to the run folder. Only ``stat`` calls."""
+        found: dict[str, list[int]] = {}
+        for name in (METRICS_FILE, LAYERS_FILE, LAYERS_PARQUET_FILE):
+            try:
+                st = os.stat(self.path / name)
+            except OSError:
+                continue
+            found[name] = [st.st_size, st.st_mtime_ns]
+        for folder in _scandir(self.checkpoints_dir):
+            if not folder.name.startswith(STEP_PREFIX) or not folder.is_dir():
+                continue
+            for entry in _scandir(Path(folder.path)):
+                if entry.name.startswith(_TMP_PREFIX):
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                found[f"{CHECKPOINTS}/{folder.name}/{entry.name}"] = [st.st_size,
+                                                                      st.st_mtime_ns]
+        return found
+
+    def listing_record(self) -> dict:
+        """What the writer of a finished run puts under ``run.json``'s :data:`LISTING_KEY`:
+        the fingerprint of the files it wrote (:meth:`files_fingerprint`). A reader that finds
+        the files unchanged since (:meth:`listing_current`) may list the run from run.json
+        alone: the files are as the writer left them, whole."""
+        return {"files": self.files_fingerprint()}
+
+    def listing_current(self, info: Mapping) -> bool:
+        """Whether ``info`` (this run's run.json) holds a listing record and no file it
+        fingerprints has changed, appeared or gone since (a damaged, truncated or rewritten
+        file has another size or mtime). False for runs written before the record existed,
+        runs still writing and runs that stopped before the end: read their logs."""
+        record = info.get(LISTING_KEY)
+        return (isinstance(record, dict) and isinstance(record.get("files"), dict)
+                and record["files"] == self.files_fingerprint())
 
     # -- checkpoints
     def checkpoint_steps(self) -> list[int]:
@@ -767,6 +889,158 @@ def _read_jsonl(path: Path) -> list[dict]:
             raise UserError(f"{path} line {number} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder``; none when it is missing or unreadable."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+# json.dumps writes a float NaN as a bare NaN (not JSON): the bulk parser reads it as null
+_NAN_VALUE, _NULL_VALUE = b": NaN", b": null"
+
+
+def _jsonl_table(path: Path, data: bytes | None = None):
+    """A JSON-lines log as a ``pyarrow.Table`` parsed in bulk, when the file is plainly what
+    the writer writes: complete lines of flat objects, NaN the only non-JSON value, one type
+    per field. None otherwise (a torn last line, a damaged line, mixed types, an infinity,
+    a quote inside a string): read those row by row (:func:`_read_jsonl`). A field that is
+    NaN in every row is float64."""
+    import pyarrow as pa
+    from pyarrow import json as pa_json
+
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+    if not (data and data.endswith(b"\n") and b"Infinity" not in data
+            and b'\\"' not in data and data.lstrip()[:1] == b"{"):
+        return None
+    try:
+        table = pa_json.read_json(pa.BufferReader(data.replace(_NAN_VALUE, _NULL_VALUE)),
+                                  read_options=pa_json.ReadOptions(block_size=1 << 24))
+    except (pa.ArrowException, ValueError):
+        return None
+    if any(pa.types.is_nested(f.type) or pa.types.is_binary(f.type) for f in table.schema):
+        return None
+    for index, field in enumerate(table.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(index, field.name,
+                                     pa.nulls(len(table), pa.float64()))
+    return table
+
+
+def _read_jsonl_frame(path: Path):
+    """A JSON-lines log as a ``pandas.DataFrame``: in bulk (:func:`_jsonl_table`) when it
+    can be, else row by row through :func:`_read_jsonl`, so that damage is reported exactly
+    as there. Both give the same frame. None when the file does not exist."""
+    import pandas as pd
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.__class__.__name__})") from None
+    table = _jsonl_table(path, data)
+    if table is not None:
+        return table.to_pandas()
+    return pd.DataFrame.from_records(_read_jsonl(path))
+
+
+def _read_parquet_frame(path: Path):
+    """A Parquet file as a ``pandas.DataFrame``; a damaged or unreadable one is a
+    ``UserError`` naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pandas()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except Exception as err:  # pyarrow raises several kinds for a damaged file
+        raise UserError(f"{path} is damaged or not Parquet "
+                        f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
+                        ) from None
+
+
+def read_since(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+    """The rows of the complete lines of a JSON-lines log from byte ``offset`` on, and the
+    offset after the last complete line (where the next read starts). A line still being
+    written (no newline yet) waits for the next read; a damaged complete line is skipped (a
+    full read, :meth:`RunDir.read_events`, names it). A missing file reads as nothing."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except OSError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1
+    rows = []
+    for line in chunk[:end].splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows, offset + end
+
+
+class LogTail:
+    """Incremental reader of one JSON-lines log (``metrics.jsonl``, ``layers.jsonl``): each
+    :meth:`read` adds the complete rows appended since the last one to :attr:`rows`, from a
+    remembered byte offset (:func:`read_since`). A log rewritten shorter or replaced (as
+    ``--resume`` does when it drops the steps after its checkpoint) is read again whole."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.offset = 0
+        self.inode: int | None = None
+        self.rows: list[dict] = []
+
+    def read(self) -> bool:
+        """Read what was appended; True when :attr:`rows` changed."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        restarted = st.st_ino != self.inode or st.st_size < self.offset
+        if restarted:
+            self.offset, self.rows, self.inode = 0, [], st.st_ino
+        if st.st_size == self.offset:
+            return restarted
+        rows, offset = read_since(self.path, self.offset)
+        moved = offset != self.offset
+        self.rows.extend(rows)
+        self.offset = offset
+        return moved or restarted
+
+
+class _LayersTail(LogTail):
+    """:class:`LogTail` of ``layers.jsonl`` that, when the log has been compacted to
+    ``layers.parquet`` (and removed), takes the rows from the Parquet file once."""
+
+    def __init__(self, path: Path, parquet: Path):
+        super().__init__(path)
+        self.parquet = parquet
+        self.compacted = False
+
+    def read(self) -> bool:
+        if self.compacted:
+            return False
+        if not self.path.exists() and self.parquet.exists():
+            try:
+                self.rows = _read_parquet_frame(self.parquet).to_dict("records")
+            except UserError:  # damaged: the analysis pages name it
+                return False
+            self.compacted, self.offset, self.inode = True, 0, None
+            return True
+        return super().read()
 
 
 def _truncate_jsonl(path: Path, keep_through_step: int) -> None:

@@ -35,7 +35,6 @@ import errno
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -45,8 +44,8 @@ from typing import Any
 
 import torch
 
-from spider.distributed import Dist, setup, wrap_model
-from spider.errors import RunCancelled, RunFailed, UserError, cli_main
+from spider.distributed import Dist, setup, sum_across, wrap_model
+from spider.errors import CliParser, RunCancelled, RunFailed, UserError, cli_main
 from spider.hooks import (
     SAVE_DTYPES,
     Checkpointer,
@@ -57,6 +56,8 @@ from spider.hooks import (
     StopOnSignal,
 )
 from spider.loop import BatchSampler, LoopConfig, add_config_flags, make_optimizer, train_loop
+from spider.methods.base import Method
+from spider.recorder import RunRecorder
 from spider.rundir import (
     CANCELLED,
     DONE,
@@ -66,7 +67,6 @@ from spider.rundir import (
     RunInfoWriter,
     effective_status,
     model_reference,
-    process_record,
 )
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "sample_checkpoints" / "tiny-llava-base")
@@ -97,7 +97,8 @@ class RunConfig(LoopConfig):
         "help": "method option NAME=VALUE (repeatable)"})
     output_dir: str = dataclasses.field(default="", metadata={"help": "the run directory"})
     train: str = dataclasses.field(default="llm,projector", metadata={
-        "help": "parts that train: comma-separated llm, projector, vision"})
+        "help": "parts that train: comma-separated llm, projector, vision, attn (q/k/v/o of "
+                "every decoder layer), mlp_gate_up (gate and up; down frozen)"})
     train_last_layers: int = dataclasses.field(default=0, metadata={
         "help": "train only the last N decoder layers of the language model (0: all)"})
     hybrid_ratio: float = dataclasses.field(default=0.0, metadata={
@@ -243,7 +244,7 @@ def decode_all(dataset, name: str, limit: int | None = None, report: bool = True
 class Model:
     """The model as the run trains it, and the method around it."""
 
-    method: Any
+    method: Method
     processor: Any
     trainable: list[str]
     train_model: torch.nn.Module  # what the loop calls: a DDP wrapper, or the model itself
@@ -290,26 +291,18 @@ def load_model_and_method(cfg: RunConfig, dist: Dist, device: torch.device) -> M
 
 def new_run_info(cfg: RunConfig, model: Model, run: RunDir, dist: Dist,
                  device: torch.device) -> dict:
-    """The first ``run.json`` of a run."""
-    import peft
-    import transformers
-
+    """The fields of the first ``run.json`` of a run (``spider.recorder.run_info``'s)."""
     from spider.models import resolve_model_path
 
     return {
         "config": dataclasses.asdict(cfg),
-        "method": cfg.method,
-        "options": dataclasses.asdict(model.method.options),
         "model": {**model_reference(resolve_model_path(cfg.model), run.path),
                   "given": cfg.model},
         "seed": cfg.seed,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "python": platform.python_version()},
         "device": str(device),
         "parallel": {"mode": dist.mode, "world_size": dist.world},
         "trainable": model.trainable,
-        "status": RUNNING, **process_record(), "created": time.time(),
-        "progress": {"step": 0, "steps": cfg.steps},
+        "steps": cfg.steps,
     }
 
 
@@ -353,12 +346,14 @@ def train(cfg: RunConfig, resume: bool = False, dist: Dist | None = None,
     # mid-write; before, nothing is written and the default (exit at once) loses nothing.
     with StopOnSignal(dist) as stop:
         info = RunInfoWriter(run, {}, enabled=dist.is_main)
+        recorder = RunRecorder(
+            run, method, theta0, info, writes=dist.is_main, measures=dist.sees_whole_model,
+            reduce=(lambda t: sum_across(t.to(device)).cpu()) if dist.mode == "fsdp" else None)
         checkpointer = Checkpointer(method, optimizer, cfg.save_every, cfg.steps,
                                     cfg.save_dtype, cfg.save_tensors, run, dist, device)
         start = checkpointer.restore() if resume else 0
         if start > 0:
-            info.info = {k: v for k, v in run.read_run().items() if k not in ("error", "ended")}
-            info.update(status=RUNNING, **process_record(), resumed_at_step=start)
+            recorder.resumed(start)
         else:  # a new run, or one that never trained: (again) from the start, in place
             if dist.is_main and resume:
                 # killed before its first resume state: what it wrote is re-made exactly
@@ -366,24 +361,44 @@ def train(cfg: RunConfig, resume: bool = False, dist: Dist | None = None,
                       "step 0", file=sys.stderr)
             if dist.is_main and not run.is_empty():
                 run.clear()
-            info.update(**new_run_info(cfg, model, run, dist, device),
-                        downstream_eval=data.eval_source)
+            recorder.start(**new_run_info(cfg, model, run, dist, device),
+                           downstream_eval=data.eval_source)
         dist.barrier()  # nobody trains before process 0 has set the run directory up
         with info.heartbeat():
-            return _train_steps(cfg, model, data, get_batch, optimizer, theta0, run, info,
-                                checkpointer, stop, start, dist, device)
+            return _train_steps(TrainContext(cfg, model, data, get_batch, optimizer, recorder,
+                                             checkpointer, stop, start, dist, device))
 
 
-def _train_steps(cfg: RunConfig, model: Model, data: RunData, get_batch, optimizer,
-                 theta0: dict[str, torch.Tensor], run: RunDir, info: RunInfoWriter,
-                 checkpointer: Checkpointer, stop: StopOnSignal, start: int, dist: Dist,
-                 device: torch.device) -> dict:
+@dataclasses.dataclass
+class TrainContext:
+    """What phases 3 and 4 of :func:`train` work with, set up by phases 1 and 2."""
+
+    cfg: RunConfig
+    model: Model
+    data: RunData
+    get_batch: Callable[[int, int], dict[str, torch.Tensor]]
+    optimizer: torch.optim.Optimizer
+    recorder: RunRecorder  # statistics rows, run.json (its info writer) and the summary
+    checkpointer: Checkpointer
+    stop: StopOnSignal
+    start: int  # the step training starts from (0, or the resumed step)
+    dist: Dist
+    device: torch.device
+
+
+def _train_steps(ctx: TrainContext) -> dict:
     """Phases 3 and 4 of :func:`train`: the loop with its hooks, then the end."""
-    method = model.method
+    cfg, model, data, get_batch, optimizer = (ctx.cfg, ctx.model, ctx.data, ctx.get_batch,
+                                              ctx.optimizer)
+    checkpointer, stop, start, dist, device = (ctx.checkpointer, ctx.stop, ctx.start, ctx.dist,
+                                               ctx.device)
+    recorder = ctx.recorder
+    run, info = recorder.run, recorder.info
+    method: Method = model.method
     evaluator = Evaluator(method, model.processor, data.eval_sets, cfg.eval_limit,
                           cfg.eval_every, cfg.steps, run, info, dist, lambda: get_batch(0, 0))
-    statistics = StatisticsLogger(method, theta0, cfg.log_every, cfg.save_every, cfg.steps,
-                                  run, dist, device)
+    statistics = StatisticsLogger(method, recorder, cfg.log_every, cfg.save_every, cfg.steps,
+                                  run, dist)
     progress = ProgressReporter(cfg.log_every, cfg.steps, start, info, evaluator, dist)
     done = StepsDone(start)
     try:
@@ -409,10 +424,10 @@ def _train_steps(cfg: RunConfig, model: Model, data: RunData, get_batch, optimiz
         # -- 4b. the end: finalize, then the last statistics, evaluation and checkpoint
         method.finalize()
         statistics.log_final(step)
-        final = evaluator.evaluate(step)
+        evaluator.evaluate(step)
         checkpointer.save(step, finalized=True)
         if dist.is_main:
-            info.update(status=DONE, ended=time.time(), summary=_summary(run, final))
+            recorder.done()
             run.remove_resume()  # a finished run is never resumed: free the space
         dist.barrier()
         return info.info
@@ -490,17 +505,9 @@ def batches(cfg: RunConfig, data: RunData, processor, dist: Dist, device: torch.
     return get_batch
 
 
-def _summary(run: RunDir, final: dict[str, float]) -> dict[str, float]:
-    from spider.metrics import summary
-
-    base = {e["split"]: e["value"] for e in run.read_events()
-            if e.get("event") == "eval" and e["step"] == 0 and e["metric"] == "score"}
-    return summary(base["upstream"], base["downstream"], final["upstream"], final["downstream"])
-
-
 # ------------------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m spider.train", description=__doc__.split("\n\n")[0],
         argument_default=argparse.SUPPRESS)
     add_config_flags(parser, RunConfig)
@@ -570,7 +577,23 @@ def build_config(argv: list[str] | None) -> tuple[RunConfig, bool]:
     except TypeError as err:
         raise UserError(f"bad settings: {err}") from None
     check_config(cfg)
+    check_names(cfg)
     return cfg, resume
+
+
+def check_names(cfg: RunConfig) -> None:
+    """The method, its options and the built-in data names, checked before the model loads:
+    a typo in a flag is one ``error:`` line, with no loading output before it."""
+    from spider.data import is_builtin, load_dataset
+    from spider.methods import make_options
+
+    try:
+        make_options(cfg.method, **cfg.options)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for spec in (cfg.data, cfg.eval_data, cfg.upstream):
+        if spec and is_builtin(spec):
+            load_dataset(spec, "train", seed=cfg.seed, size=1)  # lazy: nothing generated
 
 
 @cli_main

@@ -1,13 +1,9 @@
-import sys
-from pathlib import Path
+"""Fixtures shared by every test. The packages (spider, analysis, app, bench) are installed
+editable (scripts/setup.sh); helper modules beside tests (tests/spider/ties.py) are found
+the way pytest finds them (the folder of a test module without ``__init__.py``)."""
 
-ROOT = Path(__file__).resolve().parents[1]
-# the benchmark folder holds the plain transcription of SPIDER's rule that tests compare with
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Compare: runs side by side — how much each kept (upstream) and learned (downstream).
 
 Thin page: the runs table comes from ``app.common.list_all_runs`` (no tensors read), the
-curves and cells from ``analysis.explore``, the figures from ``analysis.explore_figures`` and
-``analysis.figures.tradeoff_plane``.
+curves and cells from ``analysis.explore``, the figures from ``analysis.figures`` (the same
+functions the HTML report draws with).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import explore, report
-from analysis import explore_figures as xfig
-from analysis import figures as afig
+from analysis import explore
+from analysis import figures as fig
 from app import common
 
 # First visit: these sample runs are chosen (SPIDER against the baselines that tell most);
@@ -21,9 +20,18 @@ _FIRST_CHOICE = ("spider", "full", "hybrid", "magnitude_mask", "lora", "wise_ft"
 # scores right after the run's name and status, so that they are in view on a laptop screen
 _TABLE_COLUMNS = {
     "id": "run", "method": "method", "status": "status", "U": "U", "D": "D", "H": "H",
-    "E": "E", "F": "F", "O": "O", "steps": "steps", "options": "options", "data": "data",
-    "evaluated_on": "D measured on",
+    "evaluated_on": "D measured on", "E": "E", "F": "F", "O": "O", "steps": "steps",
+    "options": "options", "data": "data",
 }
+# methods that change the weights once, after the last training step (Method.finalize)
+_POST_HOC = ("wise_ft", "dare", "tailor")
+
+
+def _text_width(values, title: str) -> int:
+    """Pixels a text column needs to show its longest entry whole (about 7.5 px a character
+    in the table's font), within 60–360."""
+    longest = max([len(title), *(len(str(v)) for v in values)], default=len(title))
+    return int(min(360, max(60, 7.5 * longest + 24)))
 
 st.title("Compare runs")
 st.caption(
@@ -43,7 +51,7 @@ method_of = dict(zip(runs["path"], runs["method"]))
 # Colours in a fixed order of all runs (the first-choice samples, the other samples, then the
 # user's runs by name), so that a run keeps its colour whatever is chosen.
 _rank = {name: i for i, name in enumerate(_FIRST_CHOICE)}
-colors = xfig.run_colors(sorted(
+colors = fig.run_colors(sorted(
     runs["id"], key=lambda rid: (not rid.startswith(common.SAMPLES_PREFIX),
                                  _rank.get(rid.removeprefix(common.SAMPLES_PREFIX), 99), rid)))
 
@@ -95,14 +103,16 @@ st.dataframe(
     shown_table.style.map(common.status_style, subset=["status"]),
     hide_index=True, width="stretch",
     column_config={
-        "run": st.column_config.TextColumn(width="medium"),
-        "options": st.column_config.TextColumn(width="small"),
-        "data": st.column_config.TextColumn(width="medium"),
+        **{name: st.column_config.TextColumn(width=_text_width(shown_table[name], name))
+           for name in ("run", "method", "status", "options", "data")},
         "D measured on": st.column_config.TextColumn(
-            width="medium", help="the downstream evaluation data: the task's test split, "
-            "a separate --eval-data file, or records held out of the training file"),
+            width=_text_width(shown_table["D measured on"], "D measured on"),
+            help="the downstream evaluation data (the task's test split, a separate "
+                 "--eval-data file, or records held out of the training file) and how many "
+                 "of its examples were scored: \"100 of 300\" = 100 scored (--eval-limit) of "
+                 "the 300 it holds"),
         "steps": st.column_config.NumberColumn(help="training steps done", width="small"),
-        **{k: st.column_config.NumberColumn(format="%.3f", width="small") for k in "UDHEFO"},
+        **{k: st.column_config.NumberColumn(format="%.3f", width=60) for k in "UDHEFO"},
     },
 )
 st.caption(
@@ -120,6 +130,15 @@ if not left_out.empty:
 if charted.empty:
     st.info("Choose at least one finished or running run above to see charts.")
     st.stop()
+
+scored = charted.dropna(subset=["eval_examples"])
+if scored["eval_examples"].nunique() > 1:
+    st.warning(
+        "The charted runs' downstream scores D were measured on different numbers of "
+        "examples (" + ", ".join(f"{r.id}: {int(r.eval_examples)}"
+                                 for r in scored.itertuples())
+        + "): a score from fewer examples is noisier, so small differences between them "
+        "may be chance.")
 
 paths = charted["path"].tolist()
 labels = [label_of[p] for p in paths]
@@ -140,7 +159,7 @@ def _curves_figure(key: tuple, x: str, smoothing: float, log_y: bool):
         return None
     curves = explore.smooth_frame(explore.score_curves_frame(metrics, train), "score",
                                   smoothing, by=("run", "split"))
-    return xfig.compare_score_curves(curves, {k[2]: k[3] for k in key}, x=x, log_y=log_y)
+    return fig.compare_score_curves(curves, {k[2]: k[3] for k in key}, x=x, log_y=log_y)
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -150,7 +169,7 @@ def _loss_figure(key: tuple, x: str, smoothing: float, log_y: bool):
         return None
     loss = explore.smooth_frame(explore.loss_curves_frame(train), "loss", smoothing,
                                 by=("run",))
-    return xfig.compare_loss_curves(loss, {k[2]: k[3] for k in key}, x=x, log_y=log_y)
+    return fig.compare_loss_curves(loss, {k[2]: k[3] for k in key}, x=x, log_y=log_y)
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -158,8 +177,8 @@ def _tradeoff_figure(key: tuple, methods: tuple):
     metrics = _frames(key, "metrics")
     if metrics.empty:
         return None
-    symbols = {k[2]: xfig.method_symbol(m) for k, m in zip(key, methods)}
-    return afig.tradeoff_plane(metrics, colors={k[2]: k[3] for k in key}, symbols=symbols)
+    symbols = {k[2]: fig.method_symbol(m) for k, m in zip(key, methods)}
+    return fig.tradeoff_plane(metrics, colors={k[2]: k[3] for k in key}, symbols=symbols)
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -169,7 +188,7 @@ def _cells(key: tuple):
     cells = explore.cells_long(metrics) if not metrics.empty else pd.DataFrame()
     if cells.empty:
         return cells, None
-    return cells, {v: xfig.cells_heatmap(cells, v) for v in ("score", "change")}
+    return cells, {v: fig.cells_heatmap(cells, v) for v in ("score", "change")}
 
 
 # ----------------------------------------------------------------------------- curves
@@ -192,6 +211,13 @@ loss_figure = _loss_figure(key, x, smoothing, log_y)
 if loss_figure is not None:
     with st.expander("Training loss", expanded=False):
         st.plotly_chart(loss_figure)
+post_hoc = [f"{label_of[p]} ({method_of[p]})" for p in paths if method_of[p] in _POST_HOC]
+if post_hoc:
+    st.caption(
+        "WiSE-FT, DARE and Tailor act after training: they fine-tune like full fine-tuning, "
+        "then change the weights once at the end (WiSE-FT blends them back toward the base "
+        "model, DARE drops most of the update, Tailor keeps its most salient part). The "
+        "jump at the last step of " + ", ".join(post_hoc) + " is that change.")
 
 # ----------------------------------------------------------------------------- trade-off
 tradeoff = _tradeoff_figure(key, tuple(method_of[p] for p in paths))
@@ -220,18 +246,36 @@ else:
 
 # ----------------------------------------------------------------------------- downloads
 st.subheader("Download")
-runs_csv = chosen[["id", "method", "options", "data", "status", "steps", "U", "D", "H", "E",
-                   "F", "O", "path"]].rename(columns={"id": "run"})
+runs_csv = chosen[["id", "method", "options", "data", "evaluated_on", "eval_examples",
+                   "status", "steps", "U", "D", "H", "E", "F", "O", "path"]].rename(
+    columns={"id": "run", "evaluated_on": "D measured on", "eval_examples": "D examples"})
+# Scores are sums of 0.01s: 0.92, not 0.9199999999999999 (15 significant digits keep every
+# float a run can log, without the last binary digit's noise).
+_FLOATS = "%.15g"
 d1, d2, d3 = st.columns(3)
-d1.download_button("Runs table (CSV)", runs_csv.to_csv(index=False), "runs.csv", "text/csv")
+# on_click="ignore": a download needs no rerun, and a rerun would re-register the other
+# buttons' files while the browser may still be fetching one (a 404 for the HTML report)
+d1.download_button("Runs table (CSV)", runs_csv.to_csv(index=False, float_format=_FLOATS),
+                   "runs.csv", "text/csv", on_click="ignore")
 if not cells.empty:
-    d2.download_button("2×2 cells (CSV)", cells.to_csv(index=False), "cells.csv", "text/csv")
+    d2.download_button("2×2 cells (CSV)", cells.to_csv(index=False, float_format=_FLOATS),
+                       "cells.csv", "text/csv", on_click="ignore")
 
 
-def _report_html() -> str:
-    return report.render_report(paths, title="Spiderscope: " + ", ".join(labels))
+@st.cache_data(show_spinner=False, max_entries=4)
+def _report_bytes(key: tuple, title: str) -> bytes:
+    from analysis import report  # only when asked for: plotly.js and the report's code
+
+    # the runs named and coloured as on this page
+    return report.render_report([k[0] for k in key], title=title, labels=[k[2] for k in key],
+                                colors={k[2]: k[3] for k in key}).encode("utf-8")
+
+
+def _report_html() -> bytes:
+    return _report_bytes(key, "Spiderscope: " + ", ".join(labels))
 
 
 d3.download_button("HTML report (opens offline)", _report_html, "spiderscope-report.html",
-                   "text/html", help="Tables, score curves, trade-off plane and mask heatmaps "
-                   "of the charted runs in one self-contained file (about 5 MB).")
+                   "text/html", on_click="ignore",
+                   help="Tables, score curves, trade-off plane and mask heatmaps of the "
+                   "charted runs in one self-contained file (about 5 MB).")

@@ -2,25 +2,26 @@
 
 Thin page: the layers frame comes cached from ``app.common``, the tables from
 ``analysis.explore`` (cached here by run signature, step and filters), the figures from
-``analysis.explore_figures``. Only the per-parameter statistics logged during training are
+``analysis.figures``. Only the per-parameter statistics logged during training are
 read (layers.jsonl); no tensor is loaded.
 """
 
 from __future__ import annotations
 
+import html
+import textwrap
+
 import pandas as pd
 import streamlit as st
 
 from analysis import explore
-from analysis import explore_figures as xfig
+from analysis import figures as fig
 from app import common
+from spider import statistics
+from spider.naming import COMPONENTS
 
-_HEATMAP_VALUES = {
-    "mask_density": "Share of weights free to move (w > 0)",
-    "mask_mean": "Mean keep-weight w",
-    "update_rel_norm": "Update size ‖Δ‖/‖θ0‖",
-    "discrepancy_mean": "Mean G − I",
-}
+# the statistics a heatmap offers, and their labels: the vocabulary (spider.statistics)
+_HEATMAP_VALUES = {k: v[:1].upper() + v[1:] for k, v in statistics.heatmap_values().items()}
 _NONE = "(none)"
 
 st.title("Layers")
@@ -105,7 +106,7 @@ if not frames:
 
 # ----------------------------------------------------------------------------- controls
 all_rows = pd.concat(frames.values(), ignore_index=True)
-components = [c for c in ("vision", "projector", "llm", "other")
+components = [c for c in COMPONENTS
               if c in set(all_rows["component"])]
 modules = sorted(set(all_rows["module"]), key=explore.module_name)
 steps = sorted(int(s) for s in all_rows["step"].unique())
@@ -122,11 +123,19 @@ step = st.select_slider("Step", options=steps, value=steps[-1],
 h1, h2 = st.columns(2)
 heat_value = h1.selectbox("Heatmap shows", list(_HEATMAP_VALUES),
                           format_func=_HEATMAP_VALUES.get)
-_SCALES = ("fitted to each run", "shared by the runs shown", "absolute 0–1")
-scale = h2.radio("Colour scale", _SCALES, horizontal=True,
-                 help="Fitted: the colours span the values present, so that small differences "
-                      "(all around 0.5, say) show; each heatmap states its range. Shared: one "
-                      "range for both runs. Absolute: 0 to 1.")
+_SCALES = {"absolute": "absolute", "shared": "shared by the runs shown",
+           "fitted": "fitted to each run"}
+# honest by default: a share on its whole 0–100 % range; a value without a fixed range
+# (update size, mean G − I) on one range for the runs shown, signed values centred on 0
+_default_scale = "absolute" if statistics.value_range(heat_value) else "shared"
+scale = h2.radio("Colour scale", list(_SCALES), horizontal=True, format_func=_SCALES.get,
+                 index=list(_SCALES).index(_default_scale), key=f"layers_scale_{heat_value}",
+                 help="Absolute: the value's whole range (0–100 % for a share), so that 50 % "
+                      "and 56 % look nearly alike, as they are. Shared: from the smallest to "
+                      "the largest value of the runs shown. Fitted: each run's own values, "
+                      "so that small differences show (and look larger than they are). "
+                      "Signed values (mean G − I) are always centred on 0, white. Each "
+                      "heatmap's range is written under it.")
 if not picked_components or not picked_modules:
     st.warning("Choose at least one component and one module.")
     st.stop()
@@ -147,9 +156,8 @@ for p in frames:
     every_step, matrix = _views(p, common.run_signature(p), label_of[p], *filters, heat_value)
     views[p] = (explore.table_at_step(every_step, step), matrix)
 matrices = pd.concat([m for _, m in views.values()], ignore_index=True)
-shared = explore.fitted_range(matrices[heat_value])
-zranges = {p: (0.0, 1.0) if scale == _SCALES[2] else shared if scale == _SCALES[1]
-           else explore.fitted_range(m[heat_value]) for p, (_, m) in views.items()}
+zranges = {p: fig.heatmap_range(heat_value, (m if scale == "fitted" else matrices)[heat_value],
+                                 scale) for p, (_, m) in views.items()}
 tables = pd.concat([t for t, _ in views.values()], ignore_index=True)
 # bar axes shared by the runs shown, so that bars of equal length mean equal values
 yrange = {}
@@ -169,7 +177,7 @@ yrange_key = tuple(sorted(yrange.items()))
 def _heatmap(path: str, signature: tuple, label: str, comps: tuple, mods: tuple, value: str,
              zrange: tuple, at: int):
     matrix = _views(path, signature, label, comps, mods, value)[1]
-    return xfig.layer_step_heatmap(matrix, value, zrange, step=at,
+    return fig.layer_step_heatmap(matrix, value, zrange, step=at,
                                    title=f"{_HEATMAP_VALUES[value]} per layer and step")
 
 
@@ -177,39 +185,129 @@ def _heatmap(path: str, signature: tuple, label: str, comps: tuple, mods: tuple,
 def _bars(path: str, signature: tuple, label: str, comps: tuple, mods: tuple, at: int,
           values: tuple, titles: tuple, ranges: tuple):
     every_step = _views(path, signature, label, comps, mods, heat_value)[0]
-    return xfig.layer_bars(explore.table_at_step(every_step, at), list(values),
+    return fig.layer_bars(explore.table_at_step(every_step, at), list(values),
                            titles=list(titles), yrange=dict(ranges))
 
 
 # ----------------------------------------------------------------------------- the runs
+# Like with like: each kind of chart is one row, the runs side by side in it, so that the two
+# runs' heatmaps, update sizes and discrepancies line up whatever each run records.
 _DISCREPANCY = ("discrepancy_mean", "frac_ft_gt_pre", "correlation")
-columns = st.columns(len(views))
-for column, (path, (table, _matrix)) in zip(columns, views.items()):
+_SUBTITLES = {  # what a bar chart's value means, in a few words, under its title
+    "discrepancy_mean": "> 0: the task values the weights more than pre-training did",
+    "frac_ft_gt_pre": "free to move under SPIDER",
+    "correlation": "near 0: the task wants other weights than pre-training relied on",
+    "update_rel_norm": "how far each layer moved, relative to its size",
+}
+
+
+def _bar_title(value: str, at: int | None = None) -> str:
+    name = statistics.label(value)
+    name = name[:1].upper() + name[1:] + (f" at step {at}" if at is not None else "")
+    # wrapped: a half-page column cuts a long line off at its edge
+    return f"{name}<br><sup>{'<br>'.join(textwrap.wrap(_SUBTITLES[value], 48))}</sup>"
+
+
+def _run_heading(path: str) -> None:
+    """The run's name on one line (cut with … where the column is too narrow; the whole name
+    on hover), so that the two columns' charts start at the same height."""
+    text = html.escape(_name(path))
+    st.markdown(f'<div title="{text}" style="font-size:1.35rem;font-weight:600;'
+                f'white-space:nowrap;overflow:hidden;text-overflow:ellipsis;'
+                f'margin-bottom:0.25rem">{text}</div>', unsafe_allow_html=True)
+
+
+def _row(title: str | None = None):
+    if title:
+        st.markdown(f"**{title}**")
+    return dict(zip(views, st.columns(len(views))))
+
+
+steps_at = {path: int(table["step"].iloc[0]) if len(table) else step
+            for path, (table, _) in views.items()}
+sigs = {path: common.run_signature(path) for path in views}
+
+for path, column in _row().items():
     with column:
-        st.subheader(_name(path))
-        at = int(table["step"].iloc[0]) if len(table) else step
-        if at != step:
-            st.caption(f"This run logged no statistics at step {step}; showing step {at}.")
-        sig = common.run_signature(path)
-        st.plotly_chart(_heatmap(path, sig, label_of[path], *filters, heat_value,
-                                 zranges[path], at))
+        _run_heading(path)
+        if steps_at[path] != step:
+            st.caption(f"This run logged no statistics at step {step}; showing step "
+                       f"{steps_at[path]}.")
+        st.plotly_chart(_heatmap(path, sigs[path], label_of[path], *filters, heat_value,
+                                 zranges[path], steps_at[path]))
+        st.caption(fig.range_words(heat_value, zranges[path], scale))
+
+for path, column in _row().items():
+    with column:
+        st.plotly_chart(_bars(path, sigs[path], label_of[path], *filters, steps_at[path],
+                              ("update_rel_norm",),
+                              (_bar_title("update_rel_norm", steps_at[path]),), yrange_key))
+
+for path, column in _row().items():
+    table = views[path][0]
+    with column:
         if table[list(_DISCREPANCY)].isna().all().all():
             st.info(f"{_name(path)} records no importances I and G (only SPIDER computes "
-                    "them), so there is no discrepancy to show; its mask and update size are "
-                    "above and below.")
+                    "them), so there is no discrepancy to show.")
         else:
             st.plotly_chart(_bars(
-                path, sig, label_of[path], *filters, at, _DISCREPANCY,
-                (f"Mean G − I at step {at}<br><sup>> 0: the task values the weights more "
-                 "than pre-training did</sup>",
-                 "Share of weights with G > I<br><sup>free to move under SPIDER</sup>",
-                 "Correlation of I and G<br><sup>near 0: the task wants other weights than "
-                 "pre-training relied on</sup>"), yrange_key))
-        st.plotly_chart(_bars(
-            path, sig, label_of[path], *filters, at, ("update_rel_norm",),
-            (f"Update size ‖Δ‖/‖θ0‖ at step {at}<br><sup>how far each layer moved, relative "
-             "to its size</sup>",), yrange_key))
+                path, sigs[path], label_of[path], *filters, steps_at[path], _DISCREPANCY,
+                tuple(_bar_title(v, steps_at[path] if i == 0 else None)
+                      for i, v in enumerate(_DISCREPANCY)), yrange_key))
+
+# ----------------------------------------------------------------------------- two runs
+@st.cache_data(show_spinner=False, max_entries=16)
+def _agreement(path_a: str, sig_a: tuple, path_b: str, sig_b: tuple, params: tuple):
+    """(step, table of analysis.tensors.update_agreement, tensors compared) or None."""
+    from analysis import tensors
+
+    del sig_a, sig_b  # cache key only
+    run_a, run_b = common.load_run_cached(path_a), common.load_run_cached(path_b)
+    at = tensors.common_step(run_a, run_b)
+    if at is None:
+        return None
+    table = tensors.update_agreement(run_a, run_b, at, params=list(params))
+    return at, table
+
+
+_AGREEMENT = ("moved_overlap", "update_cosine")
+if len(views) == 2:
+    path_a, path_b = list(views)
+    st.subheader("Did the two runs change the same weights?")
+    chosen_params = tuple(sorted(set(explore.filter_layers(
+        frames[path_a], *filters)["param"])))
+    try:
+        found = _agreement(path_a, sigs[path_a], path_b, sigs[path_b], chosen_params)
+    except common.UserError as err:
+        found = None
+        st.warning(f"The two runs' updates cannot be compared: {err}")
+    if found is None:
+        st.info("The two runs share no checkpoint step, so their updates Δ = θ − θ0 cannot "
+                "be compared weight by weight.")
+    elif found[1].empty:
+        st.info(f"At step {found[0]} the two checkpoints kept no tensor in common among the "
+                "chosen components and modules (a run may keep only some, --save-tensors).")
+    else:
+        at, agreement = found
+        st.caption(
+            f"From the two checkpoints of step {at}: each layer's update Δ = θ − θ0 in both "
+            f"runs, over the tensors both kept ({int(agreement['numel'].sum()):,} weights in "
+            f"{len(agreement)} layer(s)). "
+            + " ".join(statistics.get(v).description for v in _AGREEMENT))
+        titles = []
+        for value in _AGREEMENT:
+            text = statistics.label(value)
+            titles.append(text[:1].upper() + text[1:]
+                          + f"<br><sup>{label_of[path_a]} vs {label_of[path_b]}</sup>")
+        st.plotly_chart(fig.layer_bars(
+            agreement.assign(run=f"{label_of[path_a]} vs {label_of[path_b]}"),
+            list(_AGREEMENT), titles=titles,
+            yrange={v: statistics.value_range(v) for v in _AGREEMENT}),
+            key="layers_agreement")
+
+for path, column in _row().items():
+    with column:
         st.download_button(
-            "Layer table (CSV)", table.to_csv(index=False),
-            f"layers-{label_of[path].replace('/', '-')}-step{at}.csv", "text/csv",
-            key=f"layers_csv_{path}")
+            "Layer table (CSV)", views[path][0].to_csv(index=False),
+            f"layers-{label_of[path].replace('/', '-')}-step{steps_at[path]}.csv", "text/csv",
+            key=f"layers_csv_{path}", on_click="ignore")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.learn_figures import Panel, example_history, matrix_grid, tie_scatter
+from analysis.figures.learn import Panel, example_history, matrix_grid, tie_scatter
 from analysis.worked_example import (
     TIE_ULPS,
     ExampleSettings,
@@ -55,10 +55,12 @@ with right:
              r"{\operatorname{std}|x|}\right)")
     st.latex(r"w=\begin{cases}\dfrac{G}{I+G} & \text{if } G>I\\[4pt] 0 & \text{otherwise}"
              r"\end{cases}")
-    st.latex(r"w\leftarrow\min\!\Big(\frac{w}{\operatorname{mean}(w>0)},\;1\Big)")
+    st.latex(r"w\leftarrow\min\!\Big(\frac{w}{\bar w_{+}},\;1\Big),\qquad "
+             r"\bar w_{+}=\text{mean of } w \text{ over the weights with } w>0")
     st.latex(r"\theta \leftarrow \theta_0\,(1-w) + \theta\,w")
-    st.caption("σ is the logistic sigmoid; g_t the gradient of step t. w = 0: the weight is "
-               "pinned to θ0; w = 1: it moves freely.")
+    st.caption("σ is the logistic sigmoid; g_t the gradient of step t. w̄₊ is the average "
+               "keep-weight of the free weights only (those with w > 0), not the share of "
+               "free weights. w = 0: the weight is pinned to θ0; w = 1: it moves freely.")
 
 # ------------------------------------------------------------------------------ the example
 st.header("Try it on one small weight tensor")
@@ -95,6 +97,9 @@ with st.container(border=True):
     no_norm = t2.toggle("No normalisation", key="learn_no_norm",
                         help="Ablation: keep the raw w = G / (I + G) instead of dividing by "
                              "the mean of the non-zero entries (and capping at 1).")
+    if binary:
+        t2.caption("No effect with the binary mask: every free weight already has w = 1, "
+                   "so their mean is 1 and dividing by it changes nothing.")
     accumulate = t3.radio("S accumulates the", list(ACCUMULATE), format_func=ACCUMULATE.get,
                           horizontal=True, key="learn_accumulate",
                           help="What SPIDER sums over the steps to rank the task's "
@@ -213,3 +218,18 @@ for col, (page, label, runs, extra, what) in zip(cols, links):
                      disabled=not present)
         st.markdown(what)
         st.caption("runs: " + ", ".join(present) if present else "sample runs not found")
+
+# ------------------------------------------------------------------------------ other methods
+with st.expander("Other methods in the sample runs: what each does, what it keeps in memory"):
+    st.markdown(
+        "- **dowser** (Model-Dowser): scores every linear weight once, before training, by "
+        "output sensitivity × |W| × input on prompts the model writes itself; only the "
+        "lowest-scoring 10 % of each matrix trains, the rest never leaves θ0. Keeps a bool "
+        "mask (1 byte per masked weight) and the score's factor vectors; no θ0 copy.\n"
+        "- **lwf** (Learning without Forgetting): adds λ·T²·KL(θ0 model's answers ‖ the "
+        "model's) on each batch's answer tokens; no mask. Keeps θ0 of the trained tensors, "
+        "swapped in for one no-grad forward pass per batch.\n"
+        "- **spider-attn**, **full-mlp_gate_up**: component-selective training (`--train attn`: "
+        "only the attention projections train; `--train mlp_gate_up`: only the MLP's gate and "
+        "up); the rest of the model is frozen. Keep what their method keeps, for fewer "
+        "weights.")

@@ -11,20 +11,21 @@ import pandas as pd
 import streamlit as st
 
 from analysis import figures, stats
-from analysis.tensor_figures import mask_change, value_histograms
+from analysis.figures.tensors import mask_change, value_histograms
+from analysis.overview import option_value, options_text
 from analysis.tensors import (
     KIND_LABELS,
     PANEL_KINDS,
     available_kinds,
     find_params,
     kept_tensors,
-    pooled_npz,
-    pooled_views,
     tensor_statistics,
     tensor_views,
+    tensors_npz,
     what_if_mask,
 )
 from app import common
+from spider import statistics
 from spider.errors import UserError
 
 PARAM_QUERY = "param"
@@ -54,7 +55,7 @@ def _views(path: str, signature: tuple, step: int, param: str) -> dict[str, np.n
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _figures(path: str, signature: tuple, step: int, param: str):
-    """(heatmaps, histograms, statistics, pooled .npz) of one tensor; built once and shared,
+    """(heatmaps, histograms, statistics, full-resolution .npz) of one tensor; built once and shared,
     not copied (the page only reads them): un-pickling a large plotly figure from
     ``cache_data`` costs ~0.4 s per rerun."""
     import torch
@@ -64,7 +65,7 @@ def _figures(path: str, signature: tuple, step: int, param: str):
         {k: views[k] for k in PANEL_KINDS if k in views}, param)
     hist = value_histograms(views)
     table = tensor_statistics(views)
-    npz = pooled_npz(pooled_views(views, figures.panel_cells(len(views))), param, step)
+    npz = tensors_npz(views, param, step)
     return panels, hist, table, npz
 
 
@@ -80,7 +81,7 @@ def _what_if(path: str, signature: tuple, step: int, param: str, mask: str,
 def _what_if_figure(path: str, signature: tuple, step: int, param: str, mask: str,
                     normalize: bool):
     what_if = _what_if(path, signature, step, param, mask, normalize)
-    label = f"mask={mask}, normalize={str(normalize).lower()}"
+    label = f"mask={mask}, normalize={option_value(normalize)}"
     return mask_change(what_if.mask, what_if.mask_alt, param, label)
 
 
@@ -165,7 +166,7 @@ if st.query_params.get(PARAM_QUERY) != param:
 have = available_kinds(method)
 shown = [k for k in PANEL_KINDS if k in have]
 options = run.options
-option_text = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+option_text = options_text(method, options, only_changed=False)
 lacking = [k for k in PANEL_KINDS if k not in have]
 words = [_KIND_WORDS[k] for k in have]
 note = (f"Method **{method}** ({option_text}) has, per weight: "
@@ -174,6 +175,9 @@ if lacking:
     why = []
     if "importance_pre" in lacking:
         why.append("only SPIDER ranks weights by importance (I, G)")
+    elif "importance_ft" in lacking:  # Dowser: I is its score, computed once at theta0
+        why.append(f"{method} scores each weight once, before training: no fine-tuning "
+                   "importance G")
     if "mask" in lacking:
         why.append(f"{method} has no per-weight mask (it updates every weight it trains)"
                    if method != "lora" else
@@ -197,10 +201,23 @@ if not row["kept"]:
     logged = common.run_frame(path, "layers")
     logged = logged[(logged["param"] == param) & (logged["step"] <= int(step))]
     if not logged.empty:
-        columns = [c for c in ("step", "numel", "mask_density", "mask_mean",
-                               "importance_pre_mean", "importance_ft_mean", "frac_ft_gt_pre",
-                               "update_rel_norm") if c in logged.columns]
-        st.dataframe(logged[columns].tail(5), hide_index=True, width="stretch")
+        names = [c for c in ("mask_density", "mask_mean", "importance_pre_mean",
+                             "importance_ft_mean", "frac_ft_gt_pre", "update_rel_norm")
+                 if c in logged.columns and statistics.reported_by(c, method)]
+        shown = logged[["step", "numel", *names]].tail(5).copy()
+        for name in names:  # None (not logged at that step) reads as an empty cell
+            shown[name] = pd.to_numeric(shown[name], errors="coerce")
+
+        def _title(name: str) -> str:
+            text = statistics.label(name)
+            return text[:1].upper() + text[1:]
+
+        st.dataframe(
+            shown.rename(columns={"numel": "weights", **{n: _title(n) for n in names}}),
+            hide_index=True, width="stretch",
+            column_config={_title(n): st.column_config.NumberColumn(
+                format="percent" if statistics.is_percent(n) else "%" + statistics.fmt(n))
+                for n in names})
 
 else:
     # -------------------------------------------------------------------------- the tensor
@@ -234,10 +251,13 @@ else:
         else "red and blue in Δ are weights the method moved up and down; white ones kept "
              "their pre-trained value θ0."))
     st.plotly_chart(panels_fig, key="params_panels", width="stretch")
-    st.caption("Axes are shared: zoom one panel and all follow. Each cell of a large tensor "
-               "pools a block of weights (the title says how many): masks and importances "
-               "show the block mean, Δ the block's largest change with its sign; hover "
-               "gives rows, columns and value.")
+    shape2d = (int(views[next(iter(views))].shape[0]),
+               int(np.prod(views[next(iter(views))].shape[1:], dtype=np.int64)) or 1)
+    n_panels = sum(k in views for k in PANEL_KINDS)
+    st.caption("**What a cell is.** " + figures.cell_words(
+        figures.panel_block(shape2d, n_panels), shape2d)
+        + " Axes are shared: zoom one panel and all follow; hover gives row, column and "
+          "value.")
 
     st.subheader("Distributions")
     st.plotly_chart(hist_fig, key="params_hist", width="stretch")
@@ -278,7 +298,7 @@ else:
                             format_func=lambda v: "on (divide by mean, cap at 1)" if v
                             else "off", horizontal=True, key="params_whatif_norm")
         what_if = _what_if(path, signature, int(step), param, alt_mask, alt_norm)
-        trained_label = f"mask={trained_mask}, normalize={str(trained_norm).lower()}"
+        trained_label = f"mask={trained_mask}, normalize={option_value(trained_norm)}"
         if what_if.alternative == what_if.options:
             st.info(f"That is the run's own setting ({trained_label}): nothing changes. "
                     "Pick another option above.")
@@ -303,14 +323,16 @@ else:
     d1, d2 = st.columns(2)
     safe = param.replace("/", "_")
     d1.download_button(
-        "Download the pooled arrays (.npz)", npz, file_name=f"{run.name}-step{step}-{safe}.npz",
-        mime="application/octet-stream", key="params_npz",
-        help="The cells the heatmaps draw, per kind, with the row and column edges each "
-             "cell covers. numpy.load(file) reads it (no pickle).")
+        "Download the tensors (.npz, every weight)", npz,
+        file_name=f"{run.name}-step{step}-{safe}.npz",
+        mime="application/octet-stream", key="params_npz", on_click="ignore",
+        help="Every kind shown above (I, G, w, Δ, θ as the method has them) at full "
+             "resolution, one float32 array each in the tensor's shape. "
+             "numpy.load(file) reads it (no pickle).")
     d2.download_button(
         "Download the statistics (.csv)", table.to_csv(index=False).encode(),
         file_name=f"{run.name}-step{step}-{safe}-stats.csv", mime="text/csv",
-        key="params_csv")
+        key="params_csv", on_click="ignore")
 
 # ------------------------------------------------------------------------------ kept tensors
 with st.expander(f"Which tensors this run kept ({int(kept['kept'].sum())} of {len(kept)})"):

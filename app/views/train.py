@@ -25,6 +25,7 @@ from spider.models import resolve_model_path
 
 REFRESH_S = 1.0
 _WATCH_KEY = "train_watch_run"  # the run shown in the live panel (a run folder name)
+_HEAT_KEY = "train_heat_value"  # what the live heatmap shows (a statistic's name)
 _WATCHERS_KEY = "train_watchers"  # run folder -> app.watch.RunWatch (this session's offsets)
 _FIGS_KEY = "train_figures"  # run folder -> (offsets, figures), redrawn only on new lines
 # The runner's flags as the page names them, for messages from the runner's own checks.
@@ -87,11 +88,9 @@ def _message(text: str) -> str:
 
 
 def _allowed_roots() -> list[Path]:
-    """Where a typed model or data path may be: the repository, the runs folders, the
-    working folder, the home folder and those ``SPIDERSCOPE_ROOTS`` names (never the whole
-    file system)."""
-    return [common.REPO_ROOT, *common.runs_roots(), Path.cwd(), Path.home(),
-            *common.extra_roots()]
+    """Where a typed model or data path may be: exactly the repository, the runs folders and
+    those ``SPIDERSCOPE_ROOTS`` names, each once (:func:`app.common.allowed_roots`)."""
+    return common.allowed_roots()
 
 
 # ----------------------------------------------------------------------------- the form
@@ -185,50 +184,65 @@ def _methods_input(problems: list[str]) -> dict[str, dict]:
 
 
 def _settings_input() -> dict:
+    """The run's settings as typed. The number boxes have no ``min_value`` / ``max_value``: a
+    number outside them is refused by the browser and never reaches this script, so the form
+    went on with the previous value (and launched with it). Every number is checked here
+    instead, by the runner's own rules (:func:`app.jobs.settings_problems`)."""
     d = _defaults()
     cols = st.columns(4)
     settings = {
-        "steps": cols[0].number_input("Steps", min_value=1, value=d["steps"], step=10,
-                                      key="train_steps", help="optimizer steps"),
-        "lr": cols[1].number_input("Learning rate", min_value=0.0, value=d["lr"], step=1e-4,
+        "steps": cols[0].number_input("Steps", value=d["steps"], step=10,
+                                      key="train_steps", help="optimizer steps (at least 1)"),
+        "lr": cols[1].number_input("Learning rate", value=d["lr"], step=1e-4,
                                    format="%.1e", key="train_lr", help="peak learning rate "
                                    "(AdamW, linear warm-up then cosine decay)"),
-        "batch_size": cols[2].number_input("Batch size", min_value=1, value=d["batch_size"],
+        "batch_size": cols[2].number_input("Batch size", value=d["batch_size"],
                                            key="train_batch", help="examples per step"),
-        "seed": cols[3].number_input("Seed", min_value=0, value=d["seed"], key="train_seed",
-                                     help="seed for data, order and method"),
+        "seed": cols[3].number_input("Seed", value=d["seed"], key="train_seed",
+                                     help="seed for data, order and method (0 or more)"),
     }
     cols = st.columns(4)
     settings["eval_every"] = cols[0].number_input(
-        "Evaluate every (steps)", min_value=1, value=d["eval_every"], key="train_eval_every",
+        "Evaluate every (steps)", value=d["eval_every"], key="train_eval_every",
         help="score upstream and downstream every N steps (and at step 0 and the end); "
              "training pauses meanwhile")
     settings["save_every"] = cols[1].number_input(
-        "Checkpoint every (steps)", min_value=1, value=d["save_every"], key="train_save_every",
+        "Checkpoint every (steps)", value=d["save_every"], key="train_save_every",
         help="save weights and method state every N steps (and at the end); what Resume "
              "continues from")
     settings["hybrid_ratio"] = cols[2].number_input(
-        "Hybrid ratio", min_value=0.0, max_value=0.99, value=d["hybrid_ratio"], step=0.05,
+        "Hybrid ratio", value=d["hybrid_ratio"], step=0.05,
         key="train_hybrid", help="share of every batch drawn from the upstream data "
-                                 "(data-hybrid training; 0 = off)")
+                                 "(data-hybrid training; 0 = off; below 1)")
     settings["device"] = cols[3].selectbox("Device", ["auto", "cpu", "cuda"],
                                            index=["auto", "cpu", "cuda"].index(d["device"]),
                                            key="train_device", help=_device_text())
     with st.expander("More settings"):
         cols = st.columns(4)
         settings["eval_limit"] = cols[0].number_input(
-            "Test examples per evaluation", min_value=1, value=d["eval_limit"],
+            "Test examples per evaluation", value=d["eval_limit"],
             key="train_eval_limit", help="per evaluated split (5 splits for a built-in task)")
         settings["train_size"] = cols[1].number_input(
-            "Training examples", min_value=0, value=d["train_size"], key="train_size",
+            "Training examples", value=d["train_size"], key="train_size",
             help="0 = the dataset's default size")
         settings["log_every"] = cols[2].number_input(
-            "Statistics every (steps)", min_value=1, value=d["log_every"], key="train_log_every",
+            "Statistics every (steps)", value=d["log_every"], key="train_log_every",
             help="per-parameter statistics (mask density...) every N steps")
         settings["name"] = cols[3].text_input(
             "Run name", key="train_name", placeholder="method-task-date-time",
             help="the run's folder name (letters, digits, . _ -); one per method is made "
                  "unique by a suffix")
+        from spider.models import TRAINABLE_PARTS
+
+        default_parts = [p for p in d["train"].split(",") if p]
+        parts = st.multiselect(
+            "What trains", list(TRAINABLE_PARTS), default=default_parts, key="train_parts",
+            help="llm, projector, vision: whole components; attn: only the q/k/v/o "
+                 "projections of every decoder layer; mlp_gate_up: only the MLP's gate and "
+                 "up projections (down frozen). Everything else stays frozen; any method "
+                 "composes with it.")
+        if parts != default_parts:
+            settings["train"] = ",".join(parts)
     return settings
 
 
@@ -296,17 +310,18 @@ def new_run_form(root: Path) -> None:
     base = {**settings, "data": data}
     if model != str(_defaults()["model"]):
         base["model"] = model
-    if not problems:
-        try:
-            jobs.check_settings(base)
-        except UserError as err:
-            problems.append(_message(str(err)))
+    # every number, whatever else is wrong: each bad one is listed and Launch stays off
+    if settings["seed"] < 0:
+        problems.append(f"“Seed” must not be negative, not {settings['seed']}.")
+    problems += [_message(p) for p in jobs.settings_problems(base)]
 
     if not problems:
         _estimate_box(root, model, settings, len(methods))
     for problem in problems:
         st.error(problem)
-    if st.button("Launch", type="primary", disabled=bool(problems), key="train_launch"):
+    if st.button("Launch", type="primary", disabled=bool(problems), key="train_launch",
+                 help=(f"Off until the {len(problems)} problem(s) listed above are fixed."
+                       if problems else "Queue the runs: they start one after another.")):
         runs = []
         for method, options in methods.items():
             run = {**base, "method": method, "options": options}
@@ -362,12 +377,25 @@ def _status_line(root: Path, name: str, state: str, snap: watch.Snapshot | None)
         st.warning("Cancelled before it started training; nothing was written.",
                    icon=":material/stop_circle:")
     elif state == "cancelled":
-        st.warning("Cancelled. Its checkpoints are kept; **Resume** continues from the "
-                   "last one.", icon=":material/stop_circle:")
+        st.warning(cancelled_text(progress), icon=":material/stop_circle:")
     elif state == jobs.STOPPED_UNEXPECTEDLY:
         st.warning("Stopped unexpectedly: its process is gone (killed, or the machine "
                    "restarted). **Resume** continues from the last checkpoint.",
                    icon=":material/warning:")
+
+
+def cancelled_text(progress) -> str:
+    """What the panel says of a cancelled run: the step it reached, and where Resume goes on
+    from (its last checkpoint)."""
+    if progress is None:
+        return ("Cancelled. Its checkpoints are kept; **Resume** continues from the last one.")
+    of = f" of {progress.steps}" if progress.steps else ""
+    if progress.saved_step is None:
+        kept = "No checkpoint was saved, so **Resume** starts it over."
+    else:
+        kept = (f"Its checkpoints are kept; **Resume** continues from the last one, at step "
+                f"{progress.saved_step}.")
+    return f"Cancelled at step {progress.step}{of}. {kept}"
 
 
 def _error_line(root: Path, name: str, progress) -> str:
@@ -441,6 +469,8 @@ def live_panel(root: Path) -> None:
     _status_line(root, name, state, snap)
     _actions(root, name, state)
     if snap is not None:
+        # the heatmap's statistic (chosen by the selectbox below, kept in the session)
+        w.heatmap_value = st.session_state.get(_HEAT_KEY, "mask_density")
         loss, scores, heat = _figures(run_dir, snap, w)
         if scores is not None:
             st.plotly_chart(scores, key=f"train_scores_{name}")
@@ -449,11 +479,14 @@ def live_panel(root: Path) -> None:
         if loss is not None:
             st.plotly_chart(loss, key=f"train_loss_{name}")
         if heat is not None:
+            st.selectbox(  # the statistics of the vocabulary (spider.statistics)
+                "Heatmap shows", list(watch.LIVE_HEATMAP_VALUES), key=_HEAT_KEY,
+                format_func=watch.live_value_label)
             st.plotly_chart(heat, key=f"train_heat_{name}")
         else:
             every = config.get("log_every", "N")
-            what = "The mask-density heatmap appears" if loss is not None else (
-                "The loss curve and the mask-density heatmap appear")
+            what = "The layer heatmap appears" if loss is not None else (
+                "The loss curve and the layer heatmap appear")
             st.caption(f"{what} as statistics are logged (every {every} steps).")
     busy_now = any(s in ("queued", "starting", "running") for s in states.values())
     st.session_state["train_refresh_ms"] = (time.perf_counter() - started) * 1000

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 from spider.data import builtin_names, cells, load_dataset, write_llava_json
-from spider.errors import UserError, cli_main, positive_int
+from spider.errors import CliParser, UserError, cli_main, positive_int
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m spider.data", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -28,6 +28,7 @@ Two prompt conventions:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,10 +78,17 @@ def chat_template(processor) -> str | None:
     return template
 
 
+def takes_suffix(processor) -> bool:
+    """Whether ``processor`` follows the prompt + ``suffix`` convention for training examples
+    (PaliGemma, which ships no chat template): it then builds labels and token types itself."""
+    try:
+        return "suffix" in inspect.signature(type(processor).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def uses_suffix(processor) -> bool:
     """Whether examples go to ``processor`` as prompt + ``suffix`` (no chat template)."""
-    from spider.models import takes_suffix
-
     return chat_template(processor) is None and takes_suffix(processor)
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -65,19 +64,15 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from spider.importance import sum_of_squares
 from spider.methods import MethodBase, build_method, make_options
+from spider.recorder import RunRecorder, run_summary
 from spider.rundir import (
-    DONE,
-    RUNNING,
     EvalEvent,
     RunDir,
     RunInfoWriter,
-    StatisticsRow,
     TrainEvent,
     atomic_write_bytes,
     model_reference,
-    process_record,
 )
 
 #: The method's state in a Trainer checkpoint folder (``checkpoint-N/``), next to the
@@ -121,7 +116,12 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def _has_penalty(method: MethodBase) -> bool:
-    return type(method).loss_penalty is not MethodBase.loss_penalty
+    return (type(method).loss_penalty is not MethodBase.loss_penalty
+            or _has_output_penalty(method))
+
+
+def _has_output_penalty(method: MethodBase) -> bool:
+    return type(method).output_penalty is not MethodBase.output_penalty
 
 
 def _adopt_peft_lora(model: nn.Module) -> MethodBase:
@@ -174,7 +174,8 @@ def _json_safe(value: Any) -> Any:
 # ------------------------------------------------------------------------------ penalty
 def with_loss_penalty(trainer_class: type[Trainer]) -> type[Trainer]:
     """``trainer_class`` whose ``compute_loss`` adds the ``SpiderCallback`` method's loss
-    penalty (L2) while training.
+    penalty (L2) and output penalty (LwF: from the batch and the model's outputs on it) while
+    training.
 
     The penalty enters each optimizer step once, as in the plain loop: when the Trainer scales
     the loss for gradient accumulation itself (the model normalises by the tokens of the whole
@@ -185,13 +186,23 @@ def with_loss_penalty(trainer_class: type[Trainer]) -> type[Trainer]:
 
     class PenaltyTrainer(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
             callback = next((c for c in self.callback_handler.callbacks
                              if isinstance(c, SpiderCallback)), None)
+            # a method with an output penalty (LwF) needs the batch (taken before the Trainer
+            # may pop its labels) and the model's outputs
+            batch = (dict(inputs) if callback is not None and callback.method is not None
+                     and model.training and _has_output_penalty(callback.method) else None)
+            result = super().compute_loss(model, inputs,
+                                          return_outputs=return_outputs or batch is not None,
+                                          num_items_in_batch=num_items_in_batch)
+            if batch is not None:
+                extra = callback.method.output_penalty(batch, result[1])
+                result = result if return_outputs else result[0]
             if callback is None or callback.method is None or not model.training:
                 return result
             penalty = callback.method.loss_penalty()
+            if batch is not None and extra is not None:
+                penalty = extra if penalty is None else penalty + extra
             callback.penalty_added = True
             if penalty is None:
                 return result
@@ -399,7 +410,6 @@ class _RunWriter:
                  start_weights: dict[str, torch.Tensor] | None, options: dict):
         self.run, self.method = run, method
         self.is_main = bool(state.is_world_process_zero)
-        self.logged_steps: set[int] = set()
         self.last_log = (int(state.global_step), time.perf_counter())
         # a resumed Trainer with eval_on_start evaluates the resumed step again: its events
         # are in the log already
@@ -412,21 +422,21 @@ class _RunWriter:
             start_weights = {n: t.detach().clone() for n, t in method.effective_weights().items()}
         self.start_weights = start_weights
         self.info = RunInfoWriter(run, {}, enabled=self.is_main)
+        # statistics rows, run.json and the summary: the same recorder as spider.train's
+        self.recorder = RunRecorder(run, method, start_weights, self.info, writes=self.is_main)
         if not self.is_main:
             return
         if state.global_step == 0:
             if not run.is_empty():
                 raise ValueError(f"SpiderCallback: run_dir {run.path} is not an empty folder; "
                                  "choose another (a run directory is never overwritten)")
-            self.info.update(**self._new_info(model, args, state, options))
+            self.recorder.start(**self._new_info(model, args, state, options))
         else:
             step = int(state.global_step)
-            self.info.info = {k: v for k, v in run.read_run().items()
-                              if k not in ("error", "ended")}
             run.truncate_events(step)
             run.truncate_layers(step)
             run.remove_checkpoints_after(step)
-            self.info.update(status=RUNNING, **process_record(), resumed_at_step=step)
+            self.recorder.resumed(step)
         self.last_beat = time.monotonic()
 
     def beat(self) -> None:
@@ -438,9 +448,7 @@ class _RunWriter:
             self.last_beat = time.monotonic()
 
     def _new_info(self, model: nn.Module, args, state, options: dict) -> dict:
-        import peft
-        import transformers
-
+        """The fields of the first run.json (``spider.recorder.run_info``'s)."""
         base = model.base_model.model if _is_peft(model) else model
         source = str(getattr(base, "name_or_path", "") or "")
         reference = (model_reference(source, self.run.path)
@@ -472,18 +480,15 @@ class _RunWriter:
         }
         return {
             "config": config,
-            "method": self.method.name,
             "options": _json_safe(dict(vars(self.method.options))),
-            **({"model": {**reference, "given": source}} if reference else {}),
+            "model": {**reference, "given": source} if reference else None,
             "seed": int(args.seed),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "python": platform.python_version()},
             "device": str(args.device),
             "parallel": {"mode": "ddp" if world > 1 else "none", "world_size": world},
             "trainable": {"total": {"trainable": trainable, "frozen": total - trainable}},
             "trainer": "transformers.Trainer",
-            "status": RUNNING, **process_record(), "created": time.time(),
-            "progress": {"step": int(state.global_step), "steps": int(state.max_steps)},
+            "steps": int(state.max_steps),
+            "step": int(state.global_step),
         }
 
     # -- events
@@ -510,20 +515,12 @@ class _RunWriter:
     def statistics(self, step: int) -> None:
         """``layers.jsonl`` rows of ``step``: the method's statistics (from the update itself
         when it collected them, else one pass now) and the update norms."""
-        if not self.is_main or step in self.logged_steps:
+        if not self.is_main or step in self.recorder.logged_steps:
             return
         method = self.method
         stats = (method.statistics() if method.collect_statistics
                  else method.compute_statistics())
-        rows = []
-        for name, weight in method.effective_weights().items():
-            start = self.start_weights[name].to(weight.device).float()
-            update_sq = sum_of_squares((weight.float() - start).reshape(-1))
-            rows.append(StatisticsRow(step, name, weight.numel(), stats.get(name, {}),
-                                      float(update_sq) ** 0.5,
-                                      float(sum_of_squares(start.reshape(-1))) ** 0.5))
-        self.run.append_layers(rows)
-        self.logged_steps.add(step)
+        self.recorder.write_statistics(step, stats)
 
     # -- checkpoints
     def checkpoint(self, step: int, finalized: bool) -> None:
@@ -540,12 +537,8 @@ class _RunWriter:
         self.method.collect_statistics = False
         self.statistics(step)
         self.checkpoint(step, finalized=True)
-        if not self.is_main:
-            return
-        summary = _summary(self.run.read_events())
-        self.info.update(status=DONE, ended=time.time(),
-                         **({"summary": summary} if summary else {}))
-        self.info.update_progress(step=step)
+        if self.is_main:
+            self.recorder.done(step)
 
 
 def _number(value: Any) -> float | None:
@@ -578,21 +571,7 @@ def eval_events(step: int, logs: dict[str, Any]) -> list[EvalEvent]:
     return events
 
 
-def _summary(events: list[dict]) -> dict[str, float] | None:
-    """U, D, H, E, F, O when upstream and downstream scores exist at the first and last
-    evaluated steps (``eval_on_start=True`` gives step 0)."""
-    from spider.metrics import summary
-
-    scores: dict[int, dict[str, float]] = {}
-    for e in events:
-        if e.get("event") == "eval" and e.get("metric") == "score" \
-                and e.get("split") in ("upstream", "downstream"):
-            scores.setdefault(int(e["step"]), {})[e["split"]] = float(e["value"])
-    complete = sorted(s for s, v in scores.items() if len(v) == 2)
-    if len(complete) < 2 or complete[0] != 0:
-        return None
-    first, last = scores[complete[0]], scores[complete[-1]]
-    return summary(first["upstream"], first["downstream"], last["upstream"], last["downstream"])
+_summary = run_summary  # the one summary of a run's evaluation events (spider.recorder)
 
 
 __all__ = ["LORA_HELP", "METHOD_STATE_FILE", "SpiderCallback", "SpiderTrainer",

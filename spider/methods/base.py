@@ -4,7 +4,8 @@ A method is built on a model whose trainable tensors (``requires_grad=True``) it
 and is driven by any PyTorch loop through a handful of hooks::
 
     m = build_method("spider", model)
-    loss = loss + (m.loss_penalty() or 0)
+    outputs = model(**batch)
+    loss = outputs.loss + (m.loss_penalty() or 0) + (m.output_penalty(batch, outputs) or 0)
     loss.backward(); clip_grad_norm_(...)
     m.before_optimizer_step(); optimizer.step(); m.after_optimizer_step()
     optimizer.zero_grad()
@@ -28,36 +29,41 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-# Per-tensor statistics every method can report (ARCHITECTURE.md, "The run directory"): the
-# analysis and the runner rely on these names. NaN where a method has no such notion (e.g. importances of L2).
-STAT_COLUMNS = (
-    "mask_mean",  # mean keep-weight w over the tensor (1 = free, 0 = pinned to theta0)
-    "mask_density",  # fraction of entries with w > 0
-    "importance_pre_mean",  # mean of I = rank(theta0)
-    "importance_ft_mean",  # mean of G = rank(S)
-    "frac_ft_gt_pre",  # fraction of entries with G > I
-    # second moments, so that the correlation of I and G can be pooled over any group of
-    # tensors (a layer, a module) exactly: corr = (IG - I*G) / sqrt((II - I^2)(GG - G^2))
-    "importance_pre_sq_mean",  # mean of I^2
-    "importance_ft_sq_mean",  # mean of G^2
-    "importance_cross_mean",  # mean of I*G
-)
+from spider.statistics import METHOD_COLUMNS
+
+#: The per-tensor statistics a method reports (``spider.statistics.METHOD_COLUMNS``: the
+#: vocabulary names, labels and pools them); NaN where a method has no such notion.
+STAT_COLUMNS = METHOD_COLUMNS
+
+#: State-key group of the mask side (w > 0) at the last logged step, for ``mask_churn``.
+MASK_SIDE_GROUP = "mask_side"
 
 
 @runtime_checkable
 class Method(Protocol):
-    """What a training loop may call. ``MethodBase`` implements every hook as a no-op."""
+    """What a training loop and the runners may use. ``MethodBase`` implements every hook as
+    a no-op (see its docstring for the attributes)."""
 
     name: ClassVar[str]
     model: nn.Module
+    options: Any
+    params: dict[str, nn.Parameter]
+    steps_done: int
+    collect_statistics: bool
+    restores_weights: bool
 
     def loss_penalty(self) -> torch.Tensor | None: ...
+    def output_penalty(self, batch: dict, outputs: Any) -> torch.Tensor | None: ...
     def before_optimizer_step(self) -> None: ...
     def after_optimizer_step(self) -> None: ...
     def finalize(self) -> None: ...
     def masks(self) -> dict[str, torch.Tensor]: ...
     def importances(self) -> dict[str, dict[str, torch.Tensor]]: ...
     def statistics(self) -> dict[str, dict[str, float]]: ...
+    def compute_statistics(self) -> dict[str, dict[str, float]]: ...
+    def effective_weights(self) -> dict[str, torch.Tensor]: ...
+    def trainable_parameters(self) -> Iterator[nn.Parameter]: ...
+    def analysis_state(self) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -97,9 +103,18 @@ class MethodBase:
         self.steps_done = 0
         self.collect_statistics = False
         self._last_statistics: dict[str, dict[str, float]] = {}
+        #: per tensor, the mask side (w > 0) when statistics were last taken (this
+        #: process's shard): the reference of ``mask_churn``, part of the resumable state.
+        self._logged_side: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- hooks (no-ops)
     def loss_penalty(self) -> torch.Tensor | None:
+        return None
+
+    def output_penalty(self, batch: dict, outputs: Any) -> torch.Tensor | None:
+        """A loss term from a micro-batch (the model's inputs, with ``labels``) and the
+        model's outputs on it (``outputs.logits``); added to that micro-batch's loss like
+        the loss itself. For methods that need the data, e.g. LwF's distillation."""
         return None
 
     def before_optimizer_step(self) -> None:
@@ -127,13 +142,18 @@ class MethodBase:
         return self.compute_statistics()
 
     def compute_statistics(self) -> dict[str, dict[str, float]]:
-        """Statistics from ``masks()`` and ``importances()``; one pass over every tensor."""
+        """Statistics from ``masks()`` and ``importances()``; one pass over every tensor.
+
+        Taking statistics is logging them: ``mask_churn`` is measured against the mask of
+        the previous call (or collected update), and this call becomes the new reference.
+        """
         imps = self.importances()
         out: dict[str, dict[str, float]] = {}
         for name, w in self.masks().items():
             row = dict.fromkeys(STAT_COLUMNS, float("nan"))
             row["mask_mean"] = float(w.float().mean())
             row["mask_density"] = float((w > 0).float().mean())
+            row["mask_churn"] = self.mask_churn(name, w > 0)
             if name in imps:
                 pre, ft = imps[name]["pre"], imps[name]["ft"]
                 row["importance_pre_mean"] = float(pre.mean())
@@ -144,6 +164,24 @@ class MethodBase:
                 row["importance_cross_mean"] = float((pre * ft).mean())
             out[name] = row
         return out
+
+    def mask_churn(self, name: str, side: torch.Tensor, reduce=None) -> float:
+        """Share of tensor ``name``'s entries whose mask side changed since the statistics
+        were last taken (NaN the first time); ``side`` (bool, ``w > 0``, this process's
+        shard) becomes the new reference. ``reduce`` sums a float64 vector over the shards
+        of a sharded tensor (FSDP2), so every process gets the whole tensor's share."""
+        side = side.detach()
+        previous = self._logged_side.get(name)
+        if previous is None or previous.shape != side.shape:
+            self._logged_side[name] = side.to(torch.bool, copy=True)
+            return float("nan")
+        counts = torch.stack([(side != previous).sum(),
+                              torch.tensor(side.numel(), device=side.device)]).double()
+        if reduce is not None:
+            counts = reduce(counts)
+        previous.copy_(side)
+        changed, numel = counts.tolist()
+        return changed / numel if numel else float("nan")
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
         """The trained tensors' current values, named as in the base model's ``state_dict``
@@ -173,13 +211,25 @@ class MethodBase:
             raise ValueError(f"method '{self.name}' has no state tensors, got {sorted(tensors)[:3]}")
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"meta": JSON-able dict, "tensors": {key: Tensor}}``: saveable as safetensors+JSON."""
+        """``{"meta": JSON-able dict, "tensors": {key: Tensor}}``: saveable as safetensors+JSON.
+
+        Besides ``extra_state``, the tensors hold the mask side at the last logged step
+        (``mask_side/<param>``, the reference of ``mask_churn``), so that a resumed run logs
+        the churn the uninterrupted run would."""
         meta = {
             "method": self.name,
             "steps_done": self.steps_done,
             "options": dataclasses.asdict(self.options),
         }
-        return {"meta": meta, "tensors": dict(self.extra_state())}
+        tensors = dict(self.extra_state())
+        if self._logged_side:
+            from spider.distributed import as_logical
+
+            # uint8, not bool: every collective (gathering FSDP2 shards) and file takes it
+            tensors.update({f"{MASK_SIDE_GROUP}/{n}": as_logical(t.to(torch.uint8),
+                                                                  self.params[n])
+                            for n, t in self._logged_side.items() if n in self.params})
+        return {"meta": meta, "tensors": tensors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         meta = state.get("meta", {})
@@ -194,7 +244,21 @@ class MethodBase:
                 f"this method has {dataclasses.asdict(self.options)}"
             )
         self.steps_done = int(meta.get("steps_done", 0))
-        self.load_extra_state(dict(state.get("tensors", {})))
+        tensors = dict(state.get("tensors", {}))
+        sides = {key.split("/", 1)[1]: tensors.pop(key) for key in list(tensors)
+                 if key.startswith(MASK_SIDE_GROUP + "/")}
+        self.load_extra_state(tensors)
+        self._logged_side = {}
+        # a state saved before mask_churn existed has no sides: the churn restarts (NaN)
+        if sides:
+            from spider.distributed import shard_of
+
+            for name, side in sides.items():
+                if name not in self.params:
+                    raise ValueError(f"unknown {MASK_SIDE_GROUP} tensor '{name}' in method "
+                                     "state")
+                self._logged_side[name] = shard_of(side, self.params[name]).to(torch.bool,
+                                                                              copy=True)
 
 
 # --------------------------------------------------------------------- shared helpers

@@ -312,6 +312,7 @@ class Spider(MethodBase):
             _, scale, tensor_stats = self._weight(name, w, work, collect=collect)
             if collect:
                 stats[name] = tensor_stats.as_row()
+                stats[name]["mask_churn"] = self.mask_churn(name, w > 0, self.reducer)
             apply_keep_weight(local(p.data), self.theta0[name], w, work, scale)
         if collect:
             self._last_statistics = stats
@@ -349,6 +350,7 @@ class Spider(MethodBase):
         for name in self.params:
             w, work = self._buffers(self.grad_sum[name])
             stats[name] = self._weight(name, w, work, collect=True)[2].as_row()
+            stats[name]["mask_churn"] = self.mask_churn(name, w > 0, self.reducer)
         assert all(set(row) == set(STAT_COLUMNS) for row in stats.values())
         return stats
 

@@ -1,5 +1,5 @@
 """Tables behind the Compare and Layers pages (analysis.explore, analysis.overview) and their
-figures (analysis.explore_figures), tested without Streamlit on hand-made frames."""
+figures (analysis.figures), tested without Streamlit on hand-made frames."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis import explore, overview, stats
-from analysis import explore_figures as xfig
+from analysis import figures as xfig
 from analysis.figures import MAX_FIGURE_BYTES, figure_json_size
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "runs"
@@ -163,11 +163,13 @@ def test_a_run_with_one_logged_step_draws_whole_steps_and_a_visible_loss():
     one = one[one["step"] == one["step"].min()]
     heat = xfig.layer_step_heatmap(explore.layer_step_matrix(one, "mask_density"),
                                    "mask_density", (0, 1))
-    assert (heat.layout.xaxis.tickmode, heat.layout.xaxis.dtick) == ("linear", 1)
+    # ticked at the logged steps themselves (issue 23: not at every integer between)
+    assert (heat.layout.xaxis.tickmode, heat.layout.xaxis.tickvals) == (
+        "array", (float(one["step"].min()),))
     loss = pd.DataFrame({"run": ["a"], "method": ["spider"], "step": [1], "time_s": [0.4],
                          "loss": [2.5]})
     fig = xfig.compare_loss_curves(loss)
-    assert fig.data[0].mode == "markers" and fig.layout.xaxis.dtick == 1
+    assert fig.data[0].mode == "markers" and fig.layout.xaxis.tickvals == (1.0,)
     assert xfig.compare_loss_curves(loss, x="time_s").layout.xaxis.dtick is None
     many = pd.concat([loss.assign(step=s, loss=1.0 / s) for s in range(1, 200)])
     fig = xfig.compare_loss_curves(many)

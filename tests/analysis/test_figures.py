@@ -67,20 +67,6 @@ def test_figure_json_size_is_the_json_length():
     assert figure_json_size(fig) == len(fig.to_json().encode("utf-8"))
 
 
-def test_score_curves_colour_by_method_dash_by_split():
-    fig = figures.score_curves(_metrics())
-    assert len(fig.data) == 6  # 3 runs x 2 splits; the loss rows are not drawn
-    by_name = {trace.name: trace for trace in fig.data}
-    spider_down = by_name["spider-1 · downstream"]
-    assert list(spider_down.x) == [0, 50, 100]
-    assert list(spider_down.y) == pytest.approx([0.2, 0.45, 0.7])
-    assert spider_down.line.dash == "dash" and by_name["spider-1 · upstream"].line.dash == "solid"
-    # two runs of one method share its colour; another method differs
-    assert by_name["full-1 · upstream"].line.color == by_name["full-2 · downstream"].line.color
-    assert by_name["full-1 · upstream"].line.color != spider_down.line.color
-    assert "spider-1" in spider_down.hovertemplate and "(spider)" in spider_down.hovertemplate
-    assert fig.layout.xaxis.title.text == "training step"
-    assert "0–1" in fig.layout.yaxis.title.text
 
 
 def test_iso_h_lines_satisfy_the_harmonic_mean():
@@ -116,52 +102,10 @@ def test_tradeoff_plane_final_points_and_paths():
     assert finals["full-1"].marker.symbol != finals["full-2"].marker.symbol
 
 
-def test_mask_density_heatmap_values_and_fixed_range():
-    layers = _layers(3, [0, 10, 20])
-    fig = figures.mask_density_heatmap(layers)
-    assert [t.name for t in fig.data] == ["vision", "llm"]
-    llm = fig.data[1]
-    assert list(llm.y) == [figures.NON_BLOCK, "0", "1", "2"]
-    assert list(llm.x) == [0, 10, 20]
-    expected = stats.mask_density(layers, by=("component", "layer"))
-    row = expected[(expected["component"] == "llm") & (expected["layer"] == 2)
-                   & (expected["step"] == 10)].iloc[0]
-    assert np.asarray(llm.z)[3, 1] == pytest.approx(row["mask_density"], rel=1e-6)
-    assert np.asarray(llm.customdata)[3, 1] == 4096 * 4096 + 4096 * 11008
-    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0.0, 1.0)
-    assert "llm" in llm.hovertemplate and "step" in llm.hovertemplate
 
 
-def test_mask_density_heatmap_needs_one_run_and_handles_no_mask():
-    layers = pd.concat([_layers(1, [0]), _layers(1, [0]).assign(run="other")])
-    with pytest.raises(ValueError, match="pass run="):
-        figures.mask_density_heatmap(layers)
-    assert len(figures.mask_density_heatmap(layers, run="other").data) == 2
-    no_mask = _layers(1, [0]).assign(mask_density=np.nan, mask_mean=np.nan, method="full")
-    fig = figures.mask_density_heatmap(no_mask)
-    assert len(fig.data) == 0 and "no mask" in fig.layout.annotations[0].text
 
 
-def test_discrepancy_bars_by_component_with_last_step():
-    layers = _layers(3, [0, 10])
-    table = stats.layer_discrepancy(layers)
-    fig = figures.discrepancy_bars(table)
-    assert [t.name for t in fig.data] == ["vision", "llm"]
-    llm = fig.data[1]
-    assert list(llm.x) == ["llm 0", "llm 1", "llm 2", f"llm {figures.NON_BLOCK}"]
-    assert llm.marker.color == figures.COMPONENT_COLORS["llm"]
-    final = table[(table["step"] == 10) & (table["component"] == "llm")].sort_values("layer")
-    np.testing.assert_allclose(llm.y[:3], final["discrepancy_mean"].to_numpy(float)[:3])
-    assert "step 10" in fig.layout.title.text
-    assert "G − I" in llm.hovertemplate
-    frac = figures.discrepancy_bars(table, step=0, value="frac_ft_gt_pre")
-    assert "step 0" in frac.layout.title.text
-    corr = figures.discrepancy_bars(table, value="correlation")
-    np.testing.assert_allclose(corr.data[1].y[:3], final["correlation"].to_numpy(float)[:3])
-    assert np.isfinite(corr.data[1].y[:3]).all() and (np.abs(corr.data[1].y[:3]) <= 0.4).all()
-    assert "correlation" in corr.layout.yaxis.title.text
-    with pytest.raises(ValueError, match="correlation"):
-        figures.discrepancy_bars(table, value="corr")
 
 
 def _spider_panels(rows: int, cols: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -208,18 +152,6 @@ def test_tensor_panels_rejects_mismatched_shapes():
         figures.tensor_panels({"mask": torch.zeros(4, 4), "delta": torch.zeros(4, 5)}, UP)
 
 
-def test_mask_histogram_of_a_real_spider_mask():
-    w = _spider_panels(200, 300)["mask"]
-    fig = figures.mask_histogram(w, bins=20, param=UP)
-    interior, zero, one = fig.data
-    share_zero = float((w == 0).double().mean())
-    share_one = float((w == 1).double().mean())
-    assert zero.y[0] == pytest.approx(share_zero) and one.y[0] == pytest.approx(share_one)
-    assert sum(interior.y) + zero.y[0] + one.y[0] == pytest.approx(1.0)
-    assert 0.4 < share_zero < 0.6 and 0.15 < share_one < 0.35  # DESIGN §1's half and quarter
-    inside = w[(w > 0) & (w < 1)]
-    assert interior.y[10] == pytest.approx(float(((inside >= 0.5) & (inside < 0.55)).sum()) / w.numel())
-    assert UP in fig.layout.title.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,13 +163,21 @@ def test_every_figure_stays_under_two_megabytes():
     sizes = {}
     big = _spider_panels(4096, 4096)
     sizes["tensor_panels 4096x4096 x4"] = figure_json_size(figures.tensor_panels(big, UP))
-    sizes["mask_histogram 16.8M values"] = figure_json_size(figures.mask_histogram(big["mask"]))
+    sizes["value_histograms 16.8M values"] = figure_json_size(
+        figures.value_histograms({"mask": big["mask"]}))
+    from analysis import explore
+
     layers = _layers(100, np.arange(0, 2000, 10))  # 100 layers x 200 steps
-    sizes["mask_density_heatmap 100x200"] = figure_json_size(figures.mask_density_heatmap(layers))
-    sizes["discrepancy_bars 100 layers"] = figure_json_size(
-        figures.discrepancy_bars(stats.layer_discrepancy(layers)))
+    matrix = explore.layer_step_matrix(layers, "mask_density")
+    sizes["layer_step_heatmap 100x200"] = figure_json_size(
+        figures.layer_step_heatmap(matrix, "mask_density", (0, 1)))
+    table = explore.table_at_step(explore.layer_table_all_steps(layers), 1990)
+    sizes["layer_bars 100 layers"] = figure_json_size(
+        figures.layer_bars(table, ["discrepancy_mean", "update_rel_norm"]))
     many = pd.concat([_metrics().assign(run=lambda f, i=i: f["run"] + f"-{i}") for i in range(20)])
-    sizes["score_curves 60 runs"] = figure_json_size(figures.score_curves(many))
+    curves = explore.score_curves_frame(many, pd.DataFrame(
+        columns=["run", "method", "step", "loss", "lr", "seconds"]))
+    sizes["compare_score_curves 60 runs"] = figure_json_size(figures.compare_score_curves(curves))
     sizes["tradeoff_plane 60 runs"] = figure_json_size(figures.tradeoff_plane(many))
     over = {k: v for k, v in sizes.items() if v > MAX_FIGURE_BYTES}
     assert not over, f"figures over {MAX_FIGURE_BYTES} bytes: {over}"
@@ -268,3 +208,103 @@ def test_layering_analysis_imports_no_streamlit_and_spider_no_plotly():
         code = (f"import sys, {imports}; bad = [m for m in {forbidden!r} if m in sys.modules]; "
                 "assert not bad, bad")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 23: the trade-off plane zooms to the runs; log axes read as numbers
+# --------------------------------------------------------------------------------------------
+
+
+def _crowded_summary() -> pd.DataFrame:
+    """Final points as the samples have them: U 0.6–1, D 0.2–0.45, two nearly on top."""
+    points = {"spider": (0.92, 0.35), "wise_ft": (0.93, 0.36), "full": (0.66, 0.36),
+              "hybrid": (0.93, 0.45), "lora": (0.89, 0.31)}
+    return pd.DataFrame([{"run": r, "method": r, "U": u, "D": d}
+                         for r, (u, d) in points.items()])
+
+
+def test_tradeoff_plane_zooms_to_the_runs_and_keeps_markers_apart():
+    fig = figures.tradeoff_plane(_crowded_summary())
+    xr, yr = fig.layout.xaxis.range, fig.layout.yaxis.range
+    assert 0.55 < xr[0] < 0.66 and 0.93 < xr[1] <= 1.02  # not 0–1: zoomed, with a margin
+    assert 0.2 < yr[0] < 0.31 and 0.45 < yr[1] < 0.55
+    finals = [t for t in fig.data if t.meta == {"final": True}]
+    sizes = [t.marker.size for t in finals]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert all(t.marker.line.width > 0 for t in finals)
+    # labels: each placed one overlaps no other label (checked by place_labels' own boxes)
+    assert sum(t.text is not None for t in finals) >= 4
+
+
+def test_tradeoff_plane_leaves_the_base_model_out_of_the_zoom():
+    metrics = _metrics()  # every run starts at U 0.6, D 0.2 (step 0)
+    fig = figures.tradeoff_plane(metrics)
+    later = stats.score_table(metrics)
+    later = later[later["step"] > 0]
+    assert fig.layout.yaxis.range[0] <= later["D"].min() and fig.layout.yaxis.range[0] > 0.2
+    assert any("base model" in a.text for a in fig.layout.annotations)
+
+
+def test_place_labels_never_overlaps():
+    points = [(0.5, 0.5), (0.505, 0.5), (0.5, 0.505), (0.51, 0.51), (0.495, 0.495)]
+    texts = ["samples/spider", "samples/wise_ft", "samples/full", "samples/hybrid", "x"]
+    spots = figures.place_labels(points, texts, (0.4, 0.6), (0.4, 0.6), size=(700, 450))
+    assert spots[0] is not None and spots[1] is not None
+    # labels of points on top of each other go to different sides
+    placed = [s for s in spots if s]
+    assert len(set(placed)) == len(placed)
+    # far apart, every label takes the first choice: above its marker
+    assert figures.place_labels([(0.1, 0.1), (0.9, 0.9)], ["a", "b"], (0, 1), (0, 1)) == [
+        "top center", "top center"]
+    # every label sits in one of the allowed spots, or is left to the legend (None)
+    allowed = {name for name, _, _ in figures.tradeoff._LABEL_SPOTS}
+    assert all(s is None or s in allowed for s in spots)
+
+
+@pytest.mark.parametrize("values", [[0.07, 0.4], [0.2, 0.9], [0.5, 0.6], [0.01, 3000],
+                                    [1.3, 1.4]])
+def test_log_axis_ticks_are_written_out_numbers(values):
+    from analysis.figures import log_axis
+
+    axis = log_axis(values)
+    assert axis["type"] == "log" and len(axis["tickvals"]) >= 2
+    assert axis["ticktext"] == [f"{v:g}" for v in axis["tickvals"]]
+    assert axis["tickvals"] == sorted(axis["tickvals"])
+    # no bare leading digits standing for 0.4, 0.3... the labels are the values themselves
+    for text, value in zip(axis["ticktext"], axis["tickvals"]):
+        assert float(text) == pytest.approx(value)
+    low, high = 10 ** axis["range"][0], 10 ** axis["range"][1]
+    assert low <= min(values) and high >= max(values)
+
+
+def test_compare_curves_on_log_scale_use_written_out_ticks():
+    from analysis import explore
+    from analysis import figures as xfig
+
+    curves = pd.DataFrame({"run": "a", "method": "full", "step": [0, 50, 100] * 2,
+                           "time_s": 0.0, "split": ["upstream"] * 3 + ["downstream"] * 3,
+                           "score": [0.96, 0.9, 0.88, 0.03, 0.3, 0.4]})
+    curves = curves[list(explore.CURVE_COLUMNS)]
+    fig = xfig.compare_score_curves(curves, log_y=True)
+    assert fig.layout.yaxis.tickmode == "array" and "0.1" in fig.layout.yaxis.ticktext
+    loss = pd.DataFrame({"run": "a", "method": "full", "step": [1, 2, 3], "time_s": 0.0,
+                         "loss": [2.5, 1.1, 0.6]})
+    fig = xfig.compare_loss_curves(loss, log_y=True)
+    assert fig.layout.yaxis.ticktext[:3] == ("0.6", "0.8", "1")
+
+
+def test_tensor_panels_pool_only_what_the_budget_demands():
+    # issue 23: a 160×448 tensor in four panels was pooled 1×2 although it fits
+    assert figures.panel_cells(4, shape=(160, 448)) == (160, 448)
+    assert figures.panel_block((160, 448), 4) == (1, 1)
+    assert "one weight" in figures.cell_words((1, 1), (160, 448))
+    big = (4096, 11008)
+    rows, cols = figures.panel_cells(4, shape=big)
+    fr, fc = figures.panel_block(big, 4)
+    assert fr == fc > 1 and rows * cols * 4 * 5.34 <= figures.MAX_FIGURE_BYTES
+    assert "pools a block of" in figures.cell_words((fr, fc), big)
+    w = torch.rand(160, 448)
+    fig = figures.tensor_panels({"mask": w, "delta": w - 0.5, "I": w, "G": w}, UP)
+    assert all(np.asarray(t.z).shape == (160, 448) for t in fig.data)
+    assert figure_json_size(fig) <= MAX_FIGURE_BYTES
+    assert all("block" not in t.hovertemplate for t in fig.data)

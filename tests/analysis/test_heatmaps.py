@@ -135,3 +135,12 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def test_each_axis_may_have_its_own_limit():
+    x = torch.arange(160 * 448, dtype=torch.float32).reshape(160, 448)
+    whole = downsample(x, max_cells=(160, 448))
+    assert whole.block == (1, 1) and whole.values.shape == (160, 448)
+    np.testing.assert_array_equal(whole.values, x.numpy())
+    half = downsample(x, max_cells=(80, 448), reduce="mean")
+    assert half.block == (2, 1) and half.values.shape == (80, 448)

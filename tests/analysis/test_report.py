@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -94,10 +95,10 @@ def test_the_report_is_valid_self_contained_html_naming_every_run(sample_report)
         assert name in cells
         assert f"{name} (" in headings
     assert {"Runs", "Summary", "Scores over training", "Trade-off plane"} <= set(tree.text["h2"])
-    # plotly figures: score curves, trade-off plane, and heatmaps for the masking methods
-    # curves, plane, spider, magnitude, and dare: its step-150 statistics are logged after the
+    # plotly figures: 2x2 cells, score curves, trade-off plane, and heatmaps for the masking
+    # methods: spider, magnitude, and dare: its step-150 statistics are logged after the
     # post-hoc drop, so its mask is not all ones there
-    assert document.count('class="plotly-graph-div"') == 5
+    assert document.count('class="plotly-graph-div"') == 6
     assert "Every weight is free to move" in document  # full, l2, hybrid
     assert "No mask recorded" in document  # lora logs no mask statistics
 
@@ -192,7 +193,7 @@ def test_a_failed_render_leaves_the_old_report_untouched(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("figure failed")
 
-    monkeypatch.setattr(report.figures, "score_curves", broken)
+    monkeypatch.setattr(report.figures, "compare_score_curves", broken)
     with pytest.raises(RuntimeError):
         write_report([SAMPLES / "spider"], out)
     assert out.read_text() == "old report"
@@ -209,3 +210,36 @@ def test_runs_with_the_same_name_get_distinct_labels(tmp_path):
     assert labels == ["a/spider", "b/spider", "full"]
     summary = report_tables(runs)["summary"]
     assert summary["run"].tolist() == labels
+
+
+def test_the_report_draws_as_the_app_does(tmp_path):
+    """Issue 23: colour by run (full and hybrid were both blue), the app's heatmap (Viridis,
+    not Blues, no overlapping subplot titles), D in the idimg-idq cell, tables that scroll
+    within the page instead of running off it."""
+    import plotly.io as pio
+
+    from analysis import explore, figures
+
+    names = ("spider", "full", "hybrid")
+    document = report.render_report([SAMPLES / n for n in names], labels=list(names))
+    specs = [json.loads(s) for s in re.findall(
+        r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', document, flags=re.S)]
+    assert specs, "no figure data found"
+    colors = figures.run_colors(names)
+    curves = next(d for d in specs if any("(full)" in str(t.get("name")) for t in d))
+    by_run = {t["name"].split(" (")[0]: t["line"]["color"] for t in curves if t.get("line")}
+    assert by_run["full"] == colors["full"] != by_run["hybrid"] == colors["hybrid"]
+    heat = [d for d in specs if d and d[0].get("type") == "heatmap"]
+    scales = {json.dumps(d[0]["colorscale"]) for d in heat}
+    viridis = json.dumps(pio.from_json(figures.layer_step_heatmap(
+        explore.layer_step_matrix(load_run(SAMPLES / "spider").layers.assign(run="s"),
+                                  "mask_density"), "mask_density", (0, 1)).to_json()
+    ).data[0].colorscale)
+    assert viridis in scales
+    # the 2x2 table: idimg-idq is D, as on the Compare page
+    tree = parse(document)
+    header = tree.text["th"]
+    assert "idimg-idq" in header
+    summary = load_run(SAMPLES / "spider").summary.iloc[0]
+    assert f"{summary['D']:.3f}" in tree.text["td"]
+    assert "overflow-x: auto" in document and "overflow-wrap: anywhere" in document

@@ -209,7 +209,7 @@ def test_mask_density_from_real_spider_masks(spider_tensors):
     all_w = torch.cat([t["w"].reshape(-1) for t in spider_tensors.values()])
     assert out["mask_density"] == pytest.approx(float((all_w > 0).double().mean()), abs=1e-12)
     assert out["mask_mean"] == pytest.approx(float(all_w.double().mean()), abs=1e-7)
-    # DESIGN §1: unrelated weights and gradients free about half of the entries
+    # ARCHITECTURE.md, *The SPIDER rule*: unrelated weights and gradients free about half of the entries
     assert 0.4 < out["mask_density"] < 0.6
 
 

@@ -1,4 +1,4 @@
-"""analysis.tensors and analysis.tensor_figures on the bundled sample runs (read only)."""
+"""analysis.tensors and analysis.figures.tensors on the bundled sample runs (read only)."""
 
 import io
 from pathlib import Path
@@ -10,18 +10,16 @@ from safetensors import safe_open
 
 import analysis
 from analysis.figures import figure_json_size
-from analysis.heatmaps import downsample
-from analysis.tensor_figures import mask_change, value_histograms
+from analysis.figures.tensors import mask_change, value_histograms
 from analysis.tensors import (
     KEPT_COLUMNS,
     STAT_COLUMNS,
     available_kinds,
     find_params,
     kept_tensors,
-    pooled_npz,
-    pooled_views,
     tensor_statistics,
     tensor_views,
+    tensors_npz,
     what_if_mask,
 )
 from spider.errors import UserError
@@ -135,19 +133,6 @@ def test_what_if_refuses_what_it_cannot_answer(spider_run):
         what_if_mask(full, full.steps[-1], DOWN, mask="binary")
 
 
-def test_pooled_npz_round_trips_without_pickle(spider_run):
-    step = spider_run.steps[-1]
-    views = tensor_views(spider_run, step, DOWN)
-    pooled = pooled_views(views, max_cells=64)
-    data = np.load(io.BytesIO(pooled_npz(pooled, DOWN, step)), allow_pickle=False)
-    assert str(data["param"]) == DOWN and int(data["step"]) == step
-    direct = downsample(views["mask"], max_cells=64, reduce="mean")
-    np.testing.assert_array_equal(data["mask"], direct.values)
-    np.testing.assert_array_equal(data["mask_row_edges"], direct.row_edges)
-    assert str(data["delta_reduce"]) == "maxabs" and str(data["mask_reduce"]) == "mean"
-    assert data["delta"].shape == direct.values.shape
-
-
 def test_value_histograms_count_exact_values_apart(spider_run):
     step = spider_run.steps[-1]
     views = tensor_views(spider_run, step, DOWN)
@@ -173,3 +158,13 @@ def test_mask_change_shows_the_pooled_difference():
     assert np.all(z[10:, :] == 0)
     assert "pooled cell (3×7 weights)" in fig.data[0].hovertemplate
     assert figure_json_size(fig) < 2_000_000
+
+
+def test_tensors_npz_holds_every_weight(spider_run):
+    step = spider_run.steps[-1]
+    views = tensor_views(spider_run, step, DOWN)
+    data = np.load(io.BytesIO(tensors_npz(views, DOWN, step)), allow_pickle=False)
+    assert str(data["param"]) == DOWN and int(data["step"]) == step
+    for kind, tensor in views.items():
+        assert data[kind].shape == tuple(tensor.shape) and data[kind].dtype == np.float32
+        np.testing.assert_array_equal(data[kind], tensor.float().numpy())

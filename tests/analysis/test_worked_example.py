@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.learn_figures import Panel, example_history, matrix_grid, tie_scatter
+from analysis.figures.learn import Panel, example_history, matrix_grid, tie_scatter
 from analysis.worked_example import (
     HISTORY_COLUMNS,
     ExampleSettings,

@@ -47,12 +47,72 @@ def test_spiderscope_roots_adds_folders_a_typed_path_may_be_in(tmp_path, monkeyp
     assert path is None and "outside" in reason  # the parent of a named folder is not in it
 
 
-def test_runs_folder_check_says_what_is_wrong(tmp_path):
+def test_runs_folder_check_says_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.RUNS_ENV, str(tmp_path))
+    monkeypatch.delenv(common.EXTRA_ROOTS_ENV, raising=False)
     file = tmp_path / "f.txt"
     file.write_text("x")
+    (tmp_path / "week1").mkdir()
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    other.mkdir()
     assert "does not exist" in common.check_runs_folder(str(tmp_path / "nope"))
     assert "is a file" in common.check_runs_folder(str(file))
     assert common.check_runs_folder(str(tmp_path)) == ""
+    assert common.check_runs_folder(str(tmp_path / "week1")) == ""  # inside: fine
+    # one sentence saying why, for / and the system's folders...
+    for typed, kind in (("/", "the whole file system"), ("/etc", "a system folder"),
+                        ("/usr/lib", "a system folder"), ("/proc", "a system folder"),
+                        ("/var", "a system folder"), (str(Path.home()), "the home folder")):
+        reason = common.check_runs_folder(typed)
+        assert reason == (f"{typed} is {kind}, not a folder of runs: choose the folder that "
+                          "holds your runs."), reason
+    # ...and for a folder outside the configured ones, until SPIDERSCOPE_ROOTS names it
+    reason = common.check_runs_folder(str(other))
+    assert "outside the folders" in reason and common.EXTRA_ROOTS_ENV in reason
+    monkeypatch.setenv(common.EXTRA_ROOTS_ENV, str(other))
+    assert common.check_runs_folder(str(other)) == ""
+
+
+def test_allowed_roots_are_the_repository_runs_folders_and_spiderscope_roots(tmp_path,
+                                                                           monkeypatch):
+    runs, data, cwd = tmp_path / "runs", tmp_path / "data", tmp_path / "cwd"
+    for folder in (runs, data, cwd):
+        folder.mkdir()
+    monkeypatch.setenv(common.RUNS_ENV, str(runs))
+    monkeypatch.setenv(common.EXTRA_ROOTS_ENV, f"{data}{os.pathsep}{data / 'inside'}")
+    monkeypatch.chdir(cwd)
+    repo = common.REPO_ROOT.resolve()
+    # each once (the bundled runs are inside the repository; a root inside another counts
+    # once), and nothing implicit: neither the home nor the working folder
+    assert common.allowed_roots() == [repo, runs.resolve(), data.resolve()]
+    # the repository's own ./runs as the runs folder: the repository is still listed once
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv(common.RUNS_ENV)
+    assert common.allowed_roots() == [repo, data.resolve()]
+    # a runs folder that is / (from the environment or a session) is never a root
+    monkeypatch.setenv(common.RUNS_ENV, "/")
+    assert common.allowed_roots() == [repo, data.resolve()]
+    assert common.runs_roots() == [common.bundled_runs_root().resolve()]
+    path, reason = common.safe_path("/etc/passwd", common.allowed_roots())
+    assert path is None and "outside the folders" in reason
+    assert reason.count(str(repo) + ",") + reason.count(str(repo) + ")") == 1
+
+
+def test_a_missing_path_is_reported_missing_not_outside(tmp_path):
+    path, reason = common.safe_path("/nonexistent/model", [tmp_path])
+    assert path is None and reason == "The path /nonexistent/model does not exist."
+
+
+def test_the_session_runs_folder_must_be_inside_the_configured_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.RUNS_ENV, str(tmp_path))
+    (tmp_path / "week1").mkdir()
+    try:
+        common.set_user_runs_root(tmp_path / "week1")
+        assert common.user_runs_root() == (tmp_path / "week1").resolve()
+        common.set_user_runs_root("/")  # never through the sidebar; ignored all the same
+        assert common.user_runs_root() == tmp_path
+    finally:
+        common.set_user_runs_root(None)
 
 
 def test_listing_rereads_a_growing_run_and_not_a_finished_one(runs_dir, monkeypatch):

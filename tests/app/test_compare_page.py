@@ -153,3 +153,40 @@ def test_a_damaged_run_is_named_and_the_page_still_draws(app_page, runs_dir):
     assert table.loc["garbled", "status"] == "damaged"
     assert any("garbled" in w.value and "run.json" in w.value for w in at.warning)
     assert set(final_points(chart(at, "Trade-off"))) == {"samples/spider"}
+
+
+def test_runs_scored_on_different_numbers_of_examples_are_flagged(app_page, runs_dir):
+    few = copy_run("spider", runs_dir / "few")
+    lines = (few / "metrics.jsonl").read_text().splitlines()
+    lines = [line.replace('"n": 100', '"n": 20') if '"downstream"' in line else line
+             for line in lines]
+    (few / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    at = app_page("compare", query={"runs": ["few", "samples/spider"]})
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["few", "D measured on"] == "test split (20 examples)"
+    assert table.loc["samples/spider", "D measured on"] == "test split (100 examples)"
+    warning = " ".join(w.value for w in at.warning)
+    assert "different numbers of examples" in warning and "few: 20" in warning
+    assert "samples/spider: 100" in warning
+
+
+def test_runs_table_columns_fit_their_contents(app_page):
+    at = app_page("compare")
+    spec = json.loads(at.dataframe[0].proto.columns)
+    table = at.dataframe[0].value
+    # scores and "D measured on" come right after the run, method and status
+    assert list(table.columns[:7]) == ["run", "method", "status", "U", "D", "H",
+                                       "D measured on"]
+    for column in ("method", "options", "D measured on"):
+        width = spec[column]["width"]
+        longest = max(len(str(v)) for v in [*table[column], column])
+        assert isinstance(width, int) and width >= 7 * longest, (column, width, longest)
+
+
+def test_post_hoc_methods_are_said_to_act_after_training(app_page):
+    at = app_page("compare", query={"runs": ["samples/spider", "samples/wise_ft"]})
+    note = " ".join(c.value for c in at.caption)
+    assert "act after training" in note and "samples/wise_ft (wise_ft)" in note
+    at = app_page("compare", query={"runs": ["samples/spider", "samples/full"]})
+    assert not any("act after training" in c.value for c in at.caption)

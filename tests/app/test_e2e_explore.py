@@ -11,7 +11,9 @@ import pytest
 
 from tests.app.conftest import screenshot, start_server, wait_idle
 
-PAGES = ("Learn", "Compare", "Layers", "Parameters", "Train")
+PAGES = ("Learn", "Compare", "Layers", "Parameters", "Why it forgot", "Train")
+# each page's address: the file name of its script under app/views/ (Learn is the root)
+ADDRESS = {"Learn": "", "Why it forgot": "forgetting"}
 # pages that show results of the sample runs, so must draw charts on first open
 CHARTED = {"Compare": 3, "Layers": 3, "Parameters": 1}
 
@@ -36,7 +38,7 @@ def test_every_page_opens_by_its_link_and_draws(streamlit_server, browser_page,
     assert "listens on" not in page.locator("[data-testid='stSidebar']").inner_text()
     for title in PAGES:
         _nav_link(page, title).click()
-        page.wait_for_url(f"**/{title.lower()}**" if title != "Learn" else "**/**")
+        page.wait_for_url(f"**/{ADDRESS.get(title, title.lower())}**")
         wait_idle(page)
         page.wait_for_timeout(300)  # charts are drawn by plotly.js after the script ends
         heading = page.locator("h1").first.inner_text()
@@ -85,32 +87,42 @@ def test_a_fresh_server_opened_at_a_page_address_shows_the_whole_app(browser_pag
         assert page.locator("[data-testid='stException']").count() == 0
 
 
-def test_runs_folder_typed_in_the_sidebar_is_listed_or_refused(streamlit_server, browser_page,
-                                                               tmp_path):
+def test_runs_folder_typed_in_the_sidebar_is_listed_or_refused(streamlit_server, browser_page):
+    import shutil
+
     from tests.app.test_compare_page import copy_run
 
-    copy_run("spider", tmp_path / "elsewhere" / "moved-run")
-    page = browser_page
-    page.goto(f"{streamlit_server.url}/compare")
-    wait_idle(page)
-    page.locator("[data-testid='stSidebar'] [data-testid='stExpander'] summary",
-                 has_text="Where runs are read from").click()
-    box = page.get_by_label("Your runs folder", exact=True).and_(page.locator("input"))
-    box.fill(str(tmp_path / "missing"))
-    box.press("Enter")
-    wait_idle(page)
-    page.locator("[data-testid='stSidebar'] [data-testid='stAlert']",
-                 has_text="does not exist").wait_for(timeout=90_000)
-    box.fill(str(tmp_path / "elsewhere"))
-    box.press("Enter")
-    wait_idle(page)
-    # the new folder's run is listed in the runs table and offered in the chooser
-    page.locator("[data-testid='stSidebar'] [data-testid='stAlert']").wait_for(
-        state="detached", timeout=90_000)
-    wait_idle(page)
-    page.locator("[data-testid='stMultiSelect'] input").first.click()
-    page.get_by_role("option", name="moved-run (spider)").wait_for(timeout=90_000)
-    assert page.locator("[data-testid='stException']").count() == 0
+    # a runs folder is one of the configured folders or inside one (here the server's)
+    elsewhere = streamlit_server.runs_dir / "elsewhere"
+    copy_run("spider", elsewhere / "moved-run")
+    try:
+        page = browser_page
+        page.goto(f"{streamlit_server.url}/compare")
+        wait_idle(page)
+        page.locator("[data-testid='stSidebar'] [data-testid='stExpander'] summary",
+                     has_text="Where runs are read from").click()
+        box = page.get_by_label("Your runs folder", exact=True).and_(page.locator("input"))
+        for typed, reason in ((str(streamlit_server.runs_dir / "missing"), "does not exist"),
+                              ("/", "/ is the whole file system, not a folder of runs"),
+                              ("/etc", "/etc is a system folder, not a folder of runs")):
+            box.fill(typed)
+            box.press("Enter")
+            wait_idle(page)
+            page.locator("[data-testid='stSidebar'] [data-testid='stAlert']",
+                         has_text=reason).wait_for(timeout=90_000)
+        box.fill(str(elsewhere))
+        box.press("Enter")
+        wait_idle(page)
+        # the new folder's run is listed in the runs table and offered in the chooser
+        page.locator("[data-testid='stSidebar'] [data-testid='stAlert']").wait_for(
+            state="detached", timeout=90_000)
+        wait_idle(page)
+        page.locator("[data-testid='stMultiSelect'] input").first.click()
+        page.get_by_role("option", name="moved-run (spider)", exact=True).wait_for(
+            timeout=90_000)
+        assert page.locator("[data-testid='stException']").count() == 0
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

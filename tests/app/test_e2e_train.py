@@ -123,10 +123,51 @@ def test_launch_watch_reload_done_compare_and_cancel(streamlit_server, browser_p
     long_dir = _wait_for(lambda: _new_runs(runs_dir, before), 60, "the long run's folder")[0]
     _wait_for(lambda: RunDir(long_dir).checkpoint_steps(), 240, "a first checkpoint")
     page.get_by_role("button", name="Cancel").click()
-    page.get_by_text("Cancelled.").wait_for(timeout=120_000)
+    page.get_by_text("Cancelled at step").wait_for(timeout=120_000)
     assert _status(long_dir) == "cancelled"
     kept = RunDir(long_dir).checkpoint_steps()
     assert kept and max(kept) < 5000  # checkpoints kept
+    reached = json.loads((long_dir / "run.json").read_text())["progress"]["step"]
+    assert page.get_by_text(f"Cancelled at step {reached} of 5000.").count() == 1
     assert page.get_by_role("button", name="Resume").count() == 1
     _shot(page, screenshots_dir / "train-5-cancelled.png")
+    _no_exception(page)
+
+
+def _launch_button(page):
+    return page.get_by_role("button", name="Launch", exact=True)
+
+
+@pytest.mark.usefixtures("streamlit_server")
+def test_an_invalid_number_turns_launch_off_and_is_never_replaced_by_the_last_one(
+        streamlit_server, browser_page):
+    """Steps 0 + Enter, Evaluate-every 0 and hybrid ratio 1.0: before, the browser refused
+    the number (the box turned red) and the page kept the previous value, so Launch stayed
+    on and started a run with it. Now each reaches the page, is named, and Launch is off."""
+    page, runs_dir = browser_page, streamlit_server.runs_dir
+    before = {p.name for p in runs_dir.iterdir()}
+    _open_train(page, streamlit_server.url)
+    assert _launch_button(page).is_enabled()
+    for label, bad, said, good in (
+            ("Steps", "0", "“Steps” must be at least 1, not 0", "10"),
+            ("Evaluate every (steps)", "0", "“Evaluate every (steps)” must be at least 1, not 0",
+             "5"),
+            ("Hybrid ratio", "1", "“Hybrid ratio” must be in [0, 1), not 1.0", "0.5")):
+        box = page.get_by_role("spinbutton", name=label, exact=True)
+        box.fill(bad)
+        box.press("Enter")
+        wait_idle(page)
+        page.locator("[data-testid='stAlert']", has_text=said).wait_for(timeout=60_000)
+        assert _launch_button(page).is_disabled(), label
+        _launch_button(page).click(force=True)  # a click on the disabled button does nothing
+        wait_idle(page)
+        box.fill(good)
+        box.press("Enter")
+        wait_idle(page)
+        page.locator("[data-testid='stAlert']", has_text=said).wait_for(
+            state="detached", timeout=60_000)
+    assert _launch_button(page).is_enabled()
+    pending = runs_dir / ".queue" / "pending"
+    assert not (pending.is_dir() and any(pending.iterdir()))  # nothing was queued
+    assert {p.name for p in runs_dir.iterdir()} - before <= {".queue"}
     _no_exception(page)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import analysis
 from analysis import stats
@@ -53,14 +54,22 @@ def test_one_run_shows_its_logged_layers(app_page):
     last = int(layers["step"].max())
     assert at.select_slider[0].value == last
 
-    # heatmap: share free per layer and step, rows in model order, colours fitted to the data
+    # heatmap: share free per layer and step, rows in model order; a share is shown on its
+    # whole range 0–100 % by default (issue 23: fitted made 50 % vs 56 % purple vs yellow)
     spec = heatmaps(at)[0]
     dens = stats.mask_density(layers, by=("component", "layer"))
     block3 = dens[(dens["component"] == "llm") & (dens["layer"] == 3)].sort_values("step")
     row = spec["data"][0]["y"].index("language model · block 3")
     assert z_matrix(spec)[row] == pytest.approx(block3["mask_density"].to_numpy(), abs=1e-6)
+    assert (spec["data"][0]["zmin"], spec["data"][0]["zmax"]) == (0.0, 1.0)
+    assert any("0.0% → yellow 100.0% (the whole possible range)" in c.value for c in at.caption)
+    # fitted on request, and then the page says so, and what it does to small differences
+    at.radio[0].set_value("fitted").run()
+    spec = heatmaps(at)[0]
     assert spec["data"][0]["zmin"] == pytest.approx(dens["mask_density"].min())
     assert spec["data"][0]["zmax"] == pytest.approx(dens["mask_density"].max())
+    assert any("fitted to this run's values" in c.value and "small differences look large"
+               in c.value for c in at.caption)
 
     # bars: mean G - I per layer at the last step (panel 1 of the discrepancy chart)
     disc = stats.layer_discrepancy(layers[layers["step"] == last])
@@ -78,7 +87,8 @@ def test_step_filters_and_scale_change_what_is_drawn(app_page):
     at.select_slider[0].set_value(step).run()
     # only the MLP's down projection: a block's update size is that one tensor's own
     at.multiselect[1].set_value(["down_proj"]).run()
-    at.radio[0].set_value("absolute 0–1").run()
+    at.radio[0].set_value("fitted").run()
+    at.radio[0].set_value("absolute").run()
     assert not at.exception
     traces = bars(at, "Update size")[0]
     got = bar_values(traces, "x")
@@ -96,13 +106,65 @@ def test_two_runs_side_by_side_share_nothing_they_do_not_have(app_page):
     at = app_page("layers", query={"runs": ["samples/spider", "samples/full"]})
     assert not at.exception
     assert at.selectbox[1].value == str(SAMPLES / "full")
-    assert [s.value for s in at.subheader] == ["samples/spider (spider)", "samples/full (full)"]
+    headings = [m.value for m in at.markdown if "white-space:nowrap" in m.value]
+    assert [h.rsplit(">", 2)[-2].removesuffix("</div") for h in headings] == [
+        "samples/spider (spider)", "samples/full (full)"]
     # full fine-tuning has no importances: said in words, not an empty chart
     assert any("samples/full (full) records no importances" in i.value for i in at.info)
     # its mask is "everything free": the heatmap says every value is 1
     titles = [json.dumps(s["layout"]["title"]) for s in heatmaps(at)]
-    assert "every value is 1" in titles[1]
+    assert "every value is 100.0%" in titles[1]
     # update sizes of the two runs are drawn on one axis range
     ranges = [s["layout"]["xaxis"].get("range") for s in charts(at)
               if "Update size" in json.dumps(s["layout"].get("annotations", []))]
     assert len(ranges) == 2 and ranges[0] == ranges[1]
+
+
+def test_signed_values_get_a_diverging_scale_centred_on_zero(app_page):
+    at = app_page("layers", query={"runs": ["samples/spider"]})
+    at.selectbox[2].set_value("discrepancy_mean").run()
+    assert not at.exception
+    trace = heatmaps(at)[0]["data"][0]
+    assert trace["zmin"] == pytest.approx(-trace["zmax"]) and trace["zmax"] > 0
+    values = z_matrix(heatmaps(at)[0])
+    assert trace["zmax"] == pytest.approx(np.nanmax(np.abs(values)), rel=1e-5)
+    scale = trace["colorscale"]
+    assert scale[len(scale) // 2][1].lower() in ("#f7f7f7", "rgb(247,247,247)")  # white at 0
+    assert any(c.value.startswith("Blue ") and "white 0" in c.value for c in at.caption)
+    # on "absolute" too: a signed value stays centred on 0
+    at.radio[0].set_value("absolute").run()
+    trace = heatmaps(at)[0]["data"][0]
+    assert trace["zmin"] == pytest.approx(-trace["zmax"])
+
+
+def test_like_charts_of_two_runs_sit_in_one_row(app_page):
+    at = app_page("layers", query={"runs": ["samples/spider", "samples/full"]})
+    kinds = []
+    for spec in charts(at):
+        text = json.dumps(spec["layout"])
+        kinds.append("heatmap" if spec["data"][0]["type"] == "heatmap" else
+                     "update" if "Update size" in text else
+                     "agreement" if "Same weights moved" in text else "discrepancy")
+    # row by row: both heatmaps, then both update sizes, then what each has of the rest, then
+    # the two runs' updates compared
+    assert kinds == ["heatmap", "heatmap", "update", "update", "discrepancy", "agreement"]
+
+
+def test_two_runs_updates_are_compared_weight_by_weight(app_page):
+    """moved_overlap and update_cosine (analysis.stats) per layer, from the checkpoints."""
+    from analysis import tensors
+
+    at = app_page("layers", query={"runs": ["samples/spider", "samples/full"]})
+    assert not at.exception
+    spider, full = analysis.load_run(SAMPLES / "spider"), analysis.load_run(SAMPLES / "full")
+    step = tensors.common_step(spider, full)
+    spec = next(s for s in charts(at) if "Same weights moved" in json.dumps(s["layout"]))
+    shown = bar_values([t for t in spec["data"] if t["type"] == "bar"], "x")
+    both = set(tensors.kept_tensors(full, step).query("kept")["param"])
+    proj = sorted(p for p in both if "multi_modal_projector" in p)
+    a = torch.cat([spider.tensor(step, p, "delta").reshape(-1) for p in proj])
+    b = torch.cat([full.tensor(step, p, "delta").reshape(-1) for p in proj])
+    assert shown["projector"] == pytest.approx(stats.moved_overlap(a, b))
+    cosine = bar_values([t for t in spec["data"] if t["type"] == "bar"], "x2")
+    assert cosine["projector"] == pytest.approx(stats.update_cosine(a, b), abs=1e-6)
+    assert any(f"step {step}" in c.value and "tensors both kept" in c.value for c in at.caption)

@@ -101,3 +101,19 @@ def test_a_link_with_runs_selects_them_for_the_next_page(app_page):
     assert not at.exception
     assert at.selectbox[0].value == "samples/spider"
     assert at.selectbox[1].value == "model.multi_modal_projector.linear_1.weight"
+
+
+def test_no_normalisation_under_the_binary_mask_says_why_nothing_changes(app_page):
+    at = app_page("learn")
+    assert not any("No effect with the binary mask" in c.value for c in at.caption)
+    before = [m.value for m in at.metric]
+    at.toggle(key="learn_binary").set_value(True).run()
+    binary = [m.value for m in at.metric]
+    at.toggle(key="learn_no_norm").set_value(True).run()
+    assert not at.exception
+    assert [m.value for m in at.metric] == binary  # indeed no effect...
+    assert any("No effect with the binary mask" in c.value for c in at.caption)  # ...and why
+    assert binary != before
+    # the normalisation's divisor is named in words, not as the ambiguous mean(w>0)
+    formulas = " ".join(e.value for e in at.get("latex"))
+    assert "mean(w>0)" not in formulas.replace(" ", "") and "over the weights with" in formulas

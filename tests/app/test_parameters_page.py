@@ -125,7 +125,12 @@ def test_a_tensor_the_run_did_not_keep_is_said_plainly(app_page, runs_dir):
     assert not at.get("plotly_chart")
     # the parameter's logged statistics are shown instead
     logged = at.dataframe[0].value
-    assert "mask_density" in logged.columns and len(logged) >= 1
+    assert "Share of weights free to move (w > 0)" in logged.columns and len(logged) >= 1
+    # in words (spider.statistics), not column names; no "None" for a value not logged
+    from spider import statistics
+
+    assert not set(logged.columns) & set(statistics.STATISTICS)
+    assert all(logged[c].dtype.kind in "fiu" for c in logged.columns)
     # a kept one still draws
     _widget(at.selectbox, "Parameter").set_value(PROJ).run()
     assert not at.exception and at.get("plotly_chart")
@@ -150,3 +155,34 @@ def test_runs_of_other_methods_show_what_they_have(app_page, name):
     delta = run.tensor(run.steps[-1], _widget(at.selectbox, "Parameter").value, "delta")
     assert _metrics(at)["Weights unchanged (Δ = 0)"] == f"{float((delta == 0).double().mean()):.2%}"
     assert torch.is_tensor(delta)
+
+
+def test_a_tensor_that_fits_is_drawn_weight_by_weight_and_downloaded_whole(app_page):
+    """Issue 23: the 160×448 down projection was pooled 1×2 (hover "block mean"), and the
+    .npz held the pooled cells."""
+
+
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    assert not at.exception
+    run = analysis.load_run(SAMPLES / "spider")
+    mask = run.tensor(run.steps[-1], DOWN, "mask")
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    for trace in spec["data"]:
+        assert (len(trace["y"]), len(trace["x"])) == tuple(mask.shape)  # no pooling
+        assert "block" not in trace["hovertemplate"] and "pooled" not in trace["hovertemplate"]
+        assert trace["colorbar"]["title"]["text"] in ("I", "G", "w", "Δ = θ − θ0")
+    titles = " ".join(a["text"] for a in spec["layout"]["annotations"])
+    assert "cell = one weight" in titles and "block mean" not in titles
+    assert any("Each cell is one weight" in c.value and f"{mask.shape[0]}×{mask.shape[1]}"
+               in c.value for c in at.caption)
+    # the download is the tensors at full resolution (analysis.tensors.tensors_npz, tested
+    # in tests/analysis/test_tensors.py)
+    assert any(b.label == "Download the tensors (.npz, every weight)"
+               for b in at.get("download_button"))
+
+
+def test_options_are_written_one_way(app_page):
+    """Issue 23: ``normalize=True`` in one place, ``normalize=true`` in another."""
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    text = " ".join(m.value for m in at.markdown) + " ".join(i.value for i in at.info)
+    assert "normalize=true" in text and "normalize=True" not in text

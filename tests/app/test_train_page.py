@@ -161,3 +161,52 @@ def test_with_no_earlier_run_of_the_model_a_short_timing_gives_the_estimate(app_
     assert "from 1 earlier run of this model" in estimate
     timing_runs = list((runs_dir / ".queue" / "timings").iterdir())
     assert len(timing_runs) == 1 and (timing_runs[0] / "run.json").exists()
+
+
+def test_every_invalid_number_is_named_and_launch_stays_off_until_fixed(app_page, runs_dir):
+    """Steps 0, Evaluate-every 0 and hybrid ratio 1.0 are each named; Launch is off (its
+    help says why) until all are fixed. The boxes have no min/max, so the browser never
+    holds such a value back while the page launches with the previous one (see
+    test_e2e_train.py)."""
+    at = app_page("train")
+    at.number_input(key="train_steps").set_value(0).run()
+    at.number_input(key="train_eval_every").set_value(0).run()
+    at.number_input(key="train_hybrid").set_value(1.0).run()
+    errors = _errors(at)
+    assert "“Steps” must be at least 1, not 0" in errors
+    assert "“Evaluate every (steps)” must be at least 1, not 0" in errors
+    assert "“Hybrid ratio” must be in [0, 1), not 1.0" in errors
+    assert _launch(at).disabled and "3 problem(s)" in _launch(at).help
+    for key, good in (("train_steps", 10), ("train_eval_every", 5), ("train_hybrid", 0.5)):
+        assert _launch(at).disabled
+        at.number_input(key=key).set_value(good).run()
+    assert not _errors(at) and not _launch(at).disabled
+    for widget in at.number_input:
+        if widget.key.startswith("train_") and not widget.key.startswith("train_opt_"):
+            assert not widget.proto.has_min and not widget.proto.has_max, widget.key
+
+
+def test_a_missing_model_is_missing_and_the_allowed_folders_are_listed_once(app_page):
+    from app import common
+
+    at = app_page("train")
+    at.radio(key="train_model_choice").set_value("A model folder on this machine").run()
+    at.text_input(key="train_model_path").set_value("/nonexistent/model").run()
+    assert "The path /nonexistent/model does not exist." in _errors(at)
+    at.radio(key="train_data_choice").set_value("A LLaVA-format JSON file").run()
+    at.text_input(key="train_data_path").set_value("/etc/passwd").run()
+    (outside,) = [e for e in _errors(at) if "outside the folders" in e]
+    listed = outside.split("(", 1)[1].rstrip(").").split(", ")
+    assert len(listed) == len(set(listed)), listed  # the repository was listed twice
+    assert str(common.REPO_ROOT.resolve()) in listed
+    assert str(Path.home().resolve()) not in listed  # the home folder is not implied
+
+
+def test_a_cancelled_run_says_the_step_it_reached(app_page, runs_dir):
+    _run(runs_dir, "stopped", status="cancelled",
+         progress={"step": 40, "steps": 5000, "saved_step": 40})
+    at = app_page("train")
+    assert not at.exception
+    (warning,) = [w.value for w in at.warning if "Cancelled" in w.value]
+    assert warning.startswith("Cancelled at step 40 of 5000.")
+    assert "continues from the last one, at step 40" in warning

@@ -175,12 +175,14 @@ def same_number(a, b) -> bool:
 
 
 # ------------------------------------------------------------------------- reading runs back
-VOLATILE = ("seconds", "time", "heartbeat", "it_per_s", "eta")
+VOLATILE = frozenset({"seconds"})
+"""The fields of a log row that differ between two identical runs: the train event's wall
+time. Exact keys only: any other field (``theta0_norm`` included) is compared."""
 
 
 def _stable(row: dict) -> dict:
     """A log row without what differs between two identical runs (timings)."""
-    return {k: v for k, v in row.items() if not any(word in k for word in VOLATILE)}
+    return {k: v for k, v in row.items() if k not in VOLATILE}
 
 
 @dataclasses.dataclass
@@ -282,6 +284,25 @@ def missing(found: RunContents, reference: RunContents) -> list[str]:
     out += [f"eval {k}" for k in reference.evals if k not in found.evals]
     out += [f"layers {k}" for k in reference.layers if k not in found.layers]
     return out
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """A digest of every file under ``folders`` (path -> blake2b of its bytes), to tell
+    afterwards what an operation that must not write changed (:func:`changed`)."""
+    import hashlib
+
+    out = {}
+    for folder in folders:
+        files = [Path(folder)] if Path(folder).is_file() else Path(folder).rglob("*")
+        for file in files:
+            if file.is_file():
+                out[str(file)] = hashlib.blake2b(file.read_bytes(), digest_size=16).hexdigest()
+    return out
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Files that differ between two snapshots: changed, gone or new."""
+    return sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
 
 
 def leftovers(path: Path) -> list[str]:

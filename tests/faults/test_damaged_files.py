@@ -154,7 +154,7 @@ def test_a_damaged_file_is_named_and_the_rest_of_the_run_reads(tmp_path, pristin
     shutil.copytree(source, path)
     shutil.copytree(source, root / "healthy")
     damage(path)
-    problems = []
+    problems, lost = [], []  # lost: what the undamaged files no longer give
     for name, (kind, value) in _try(reads, path).items():
         if kind == "crash":
             problems.append(f"{name}: not a clear error: {value}")
@@ -164,10 +164,10 @@ def test_a_damaged_file_is_named_and_the_rest_of_the_run_reads(tmp_path, pristin
             elif culprit not in value:
                 problems.append(f"{name}: the error does not name {culprit}: {value}")
         elif kind == "error":
-            problems.append(f"{name} failed although it does not need the damaged file: "
-                            f"{value}")
+            lost.append(f"{name} failed although it does not need the damaged file: "
+                        f"{value}")
         elif not _same(value, expected[name][1]):
-            problems.append(f"{name} returned something else than on the undamaged run")
+            lost.append(f"{name} returned something else than on the undamaged run")
     try:
         listed = analysis.list_runs(root).set_index("name")
         row = listed.loc[path.name]
@@ -175,15 +175,15 @@ def test_a_damaged_file_is_named_and_the_rest_of_the_run_reads(tmp_path, pristin
             problems.append(f"list_runs does not flag the damage: ok={row['ok']}, "
                             f"problem={row['problem']!r}")
         if not listed.loc["healthy", "ok"]:
-            problems.append(f"list_runs flags the healthy run: {listed.loc['healthy', 'problem']}")
+            lost.append(f"list_runs flags the healthy run: {listed.loc['healthy', 'problem']}")
     except Exception as err:  # noqa: BLE001 - list_runs must never raise for a bad run
         problems.append(f"list_runs raised {type(err).__name__}: {err}")
     record(f"damaged file: {case}", "damaged files", 1,
            f"reads needing it ({len(must_fail)}) name it; the other "
            f"{len(reads) - len(must_fail)} reads equal the undamaged run's"
            + ("; list_runs flags the run" if flagged else ""),
-           problems, data_lost=0)
-    assert not problems, problems
+           problems + lost, data_lost=len(lost))
+    assert not problems + lost, problems + lost
 
 
 def test_random_bit_flips_in_a_safetensors_header_are_errors_or_harmless(tmp_path, pristine):
@@ -225,8 +225,8 @@ def test_random_bit_flips_in_a_safetensors_header_are_errors_or_harmless(tmp_pat
             outcomes[kind] = outcomes.get(kind, 0) + 1
     record("a random bit flipped in a checkpoint file's safetensors header", "damaged files",
            flips, "each read an error naming the file or an unchanged tensor: "
-           + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())), problems, data_lost=0,
-           outcomes=outcomes)
+           + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())), problems,
+           data_lost=outcomes.get("wrong tensor", 0), outcomes=outcomes)
     assert not problems, problems[:10]
 
 

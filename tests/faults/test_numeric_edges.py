@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import TINY, Trainer, differences, read_back, record
+from harness import TINY, Trainer, changed, differences, read_back, record, snapshot
 from safetensors.torch import load_file, save_file
 
 from spider.loop import BatchSampler
@@ -70,9 +70,11 @@ def test_a_base_model_with_non_finite_weights_fails_cleanly(tmp_path, value):
     weights[name].view(-1)[7] = float(value)
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     path = tmp_path / "run"
+    before = snapshot(model)
     child = Trainer(["--output-dir", str(path), *TINY, "--model", str(model)],
                     tmp_path / "run.log")
     code = child.wait()
+    lost = changed(before, snapshot(model))  # a refused run changes none of its input
     problems = []
     last = _last_line(child)
     # the model is at fault, not the learning rate: named at load, before anything is written
@@ -85,8 +87,8 @@ def test_a_base_model_with_non_finite_weights_fails_cleanly(tmp_path, value):
         problems.append(f"the run folder was written: {sorted(p.name for p in path.iterdir())}")
     record(f"a base model with one {value} entry in a trained weight", "numeric edge", 1,
            "exit 2 before anything is written, one line naming --model and the weight "
-           "that is not finite, no traceback", problems, data_lost=0)
-    assert not problems, problems
+           "that is not finite, no traceback", problems + lost, data_lost=len(lost))
+    assert not problems + lost, problems + lost
 
 
 @pytest.mark.parametrize("lr, message", [("0", "--lr must be positive"),
@@ -96,15 +98,17 @@ def test_a_base_model_with_non_finite_weights_fails_cleanly(tmp_path, value):
 def test_a_zero_or_non_finite_learning_rate_is_refused_before_anything_is_written(
         tmp_path, lr, message):
     path = tmp_path / "run"
+    before = snapshot(BASE)
     child = Trainer(["--output-dir", str(path), *TINY, f"--lr={lr}"], tmp_path / "run.log")
     code = child.wait()
-    problems = []
+    problems = changed(before, snapshot(BASE))  # a refused run changes none of its input
+    lost = list(problems)
     if code != 2 or _last_line(child) != f"error: {message}" and message not in _last_line(child):
         problems.append(f"exit {code}, last line {_last_line(child)!r}")
     if path.exists():
         problems.append("the run directory was created")
     record(f"--lr {lr}", "numeric edge", 1, f"exit 2, 'error: {message}', nothing written",
-           problems, data_lost=0)
+           problems, data_lost=len(lost))
     assert not problems, problems
 
 
@@ -113,6 +117,17 @@ def _tiny_with(flag: str, value: str) -> list[str]:
     argv = list(TINY)
     argv[argv.index(flag) + 1] = value
     return argv
+
+
+def _lacking(found, train, checkpoints, evaluated, logged) -> list[str]:
+    """What a finished run lacks of what it must hold: train events, complete checkpoints,
+    evaluations and statistics rows of the given steps (each checkpoint holding weights)."""
+    out = [f"train step {s}" for s in train if s not in found.train]
+    out += [f"checkpoint {s}" for s in checkpoints
+            if not found.checkpoints.get(s, {}).get("weights")]
+    out += [f"evaluation at {s}" for s in evaluated if s not in {k[0] for k in found.evals}]
+    out += [f"statistics at {s}" for s in logged if s not in {k[0] for k in found.layers}]
+    return out
 
 
 def test_a_one_step_run_evaluates_saves_and_summarises(tmp_path):
@@ -135,10 +150,11 @@ def test_a_one_step_run_evaluates_saves_and_summarises(tmp_path):
         problems.append(f"summary {summary}")
     if not {k[1] for k in found.layers} or {k[0] for k in found.layers} != {1}:
         problems.append("statistics not logged at step 1")
+    lost = _lacking(found, train=[1], checkpoints=[1], evaluated=[0, 1], logged=[1])
     record("a one-step run (--steps 1)", "numeric edge", 1,
            "done: 1 train event, evaluation at 0 and 1, checkpoint 1, statistics at 1, a "
-           "finite summary", problems, data_lost=0)
-    assert not problems, problems
+           "finite summary", problems + lost, data_lost=len(lost))
+    assert not problems + lost, problems + lost
 
 
 def test_a_dataset_smaller_than_a_batch_repeats_examples_within_the_batch(tmp_path):
@@ -156,7 +172,9 @@ def test_a_dataset_smaller_than_a_batch_repeats_examples_within_the_batch(tmp_pa
         problems.append(f"exit {code}, status {found.status}, steps {sorted(found.train)}")
     if not all(math.isfinite(row["loss"]) for row in found.train.values()):
         problems.append("a non-finite loss")
+    lost = _lacking(found, train=range(1, 7), checkpoints=[2, 4, 6], evaluated=[0, 3, 6],
+                    logged=range(1, 7))
     record("a training set of 2 examples with --batch-size 4", "numeric edge", 1,
            "done: every batch holds each example twice (whole epochs, seeded), 6 finite "
-           "losses", problems, data_lost=0)
-    assert not problems, problems
+           "losses", problems + lost, data_lost=len(lost))
+    assert not problems + lost, problems + lost

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import record
+from harness import changed, record, snapshot
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -149,6 +149,7 @@ class _Tally:
 
     def __init__(self):
         self.counts: dict[str, int] = {}
+        self.lost = 0  # files a read changed (readers must never write)
 
     def add(self, outcome: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
@@ -169,7 +170,16 @@ def _property_test(fault: str, run_test):
     finally:
         record(fault, "arbitrary input (hypothesis)", sum(tally.counts.values()),
                f"a result or a UserError naming the file, never a crash: {tally.summary()}",
-               problems, data_lost=0)
+               problems, data_lost=tally.lost)
+
+
+def _read_and_compare(tally: _Tally, run: Path, culprit: str) -> None:
+    """Read everything; the run's files must be byte for byte as before."""
+    before = snapshot(run)
+    tally.add(_read_everything(run, culprit))
+    gone = changed(before, snapshot(run))
+    tally.lost += len(gone)
+    assert not gone, f"reading changed {gone}"
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +195,7 @@ def _run_json_bytes(scratch: Path, settings_):
     def check(tally, data):
         run = _fresh_run(scratch)
         (run / "run.json").write_bytes(data)
-        tally.add(_read_everything(run, "run.json"))
+        _read_and_compare(tally, run, "run.json")
 
     return check
 
@@ -201,7 +211,7 @@ def _metrics_lines(scratch: Path, settings_, file: str, keys):
         new = [line.replace(b"\n", b" ") + b"\n" for line in lines]
         data = new if replace_all else old[:where] + new + old[where:]
         (run / file).write_bytes(b"".join(data))
-        tally.add(_read_everything(run, file))
+        _read_and_compare(tally, run, file)
 
     return check
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from harness import record
+from harness import changed, record, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("spider", "analysis", "app", "scripts", "bench")
@@ -141,11 +141,13 @@ def test_the_checkers_catch_planted_violations():
 def test_no_code_path_uses_it(check, what):
     files = _code_files()
     assert len(files) > 20  # the scan sees the code
+    before = snapshot(*files)
     found = [f"{p.relative_to(ROOT)} {v}" for p in files
              for v in check(ast.parse(p.read_text(), str(p)))]
+    lost = changed(before, snapshot(*files))  # the scan reads only
     record(f"code scan: {what}", "security", len(files),
-           f"none in the {len(files)} Python files of {', '.join(CODE_DIRS)}", found,
-           data_lost=0)
+           f"none in the {len(files)} Python files of {', '.join(CODE_DIRS)}", found + lost,
+           data_lost=len(lost))
     assert not found, found
 
 
@@ -169,6 +171,7 @@ def test_a_model_that_asks_for_remote_code_does_not_get_it_run(tmp_path):
     config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
                           "AutoModelForImageTextToText": "modeling_evil.EvilModel"}
     (model / "config.json").write_text(json.dumps(config))
+    before = snapshot(model)
     problems, outcome = [], ""
     try:
         loaded, _ = load_model(model)
@@ -181,6 +184,87 @@ def test_a_model_that_asks_for_remote_code_does_not_get_it_run(tmp_path):
         problems.append(f"{type(err).__name__}: {err}")
     if marker.exists():
         problems.append("the model directory's Python file was run")
+    lost = changed(before, snapshot(model))  # loading a model writes nothing into it
+    problems += [f"loading changed {f}" for f in lost]
     record("a model directory that maps the Auto classes to its own Python code", "security",
-           1, f"its code never runs ({outcome[:120]})", problems, data_lost=0)
+           1, f"its code never runs ({outcome[:120]})", problems, data_lost=len(lost))
+    assert not problems, problems
+
+
+def test_no_runs_folder_opens_the_machine_to_the_train_page(tmp_path, monkeypatch):
+    """The folders a path typed on the Train page may be in are exactly the repository, the
+    configured runs folders and SPIDERSCOPE_ROOTS: not the home or working folder, and not
+    ``/`` or a system folder even when chosen as the runs folder in the sidebar."""
+    import streamlit as st
+
+    from app import common
+
+    runs, data, elsewhere = tmp_path / "runs", tmp_path / "data", tmp_path / "cwd"
+    for folder in (runs, data, elsewhere):
+        folder.mkdir()
+    monkeypatch.setenv(common.RUNS_ENV, str(runs))
+    monkeypatch.setenv(common.EXTRA_ROOTS_ENV, str(data))
+    monkeypatch.chdir(elsewhere)
+    before = snapshot(tmp_path)
+    problems = []
+    for typed in ("/", "/etc", "/usr/lib", "/proc/self", str(Path.home())):
+        reason = common.check_runs_folder(typed)
+        if not reason.startswith(f"{typed} is "):
+            problems.append(f"the sidebar took {typed} as the runs folder ({reason!r})")
+    common.set_user_runs_root("/")  # as if the sidebar had taken it
+    try:
+        allowed = common.allowed_roots()
+        if allowed != [common.REPO_ROOT.resolve(), runs.resolve(), data.resolve()]:
+            problems.append(f"allowed roots {allowed}")
+        for secret in ("/etc/passwd", "/etc/shadow", str(Path.home() / ".bashrc"),
+                       str(elsewhere)):
+            path, _ = common.safe_path(secret, allowed, must_exist=False)
+            if path is not None:
+                problems.append(f"{secret} was allowed")
+    finally:
+        common.set_user_runs_root(None)
+        st.session_state.clear()
+    lost = changed(before, snapshot(tmp_path))  # checking paths writes nothing
+    problems += [f"changed {f}" for f in lost]
+    record("a path typed on the Train page, with / chosen as the runs folder", "security", 9,
+           "refused: only the repository, the runs folders and SPIDERSCOPE_ROOTS", problems,
+           data_lost=len(lost))
+    assert not problems, problems
+
+
+def test_a_job_name_never_reaches_outside_the_queue(tmp_path):
+    """``python -m app.jobs cancel --root R ../../victim`` deleted and rewrote a file
+    outside the queue: every function of app.jobs that takes a run name refuses a path."""
+    from app import jobs
+    from spider.errors import UserError
+
+    root = tmp_path / "q" / "runs"
+    (root / jobs.QUEUE / "pending").mkdir(parents=True)
+    victim = tmp_path / "q" / "victim.json"  # what pending/../../victim.json would reach
+    victim.write_text('{"name": "victim"}')
+    bad = "../../victim"
+    calls = {"cancel": lambda: jobs.cancel(root, bad), "enqueue": lambda: jobs.enqueue(
+        root, bad, []), "resume": lambda: jobs.resume(root, bad, start_supervisor=False),
+        "log_file": lambda: jobs.log_file(root, bad),
+        "ended_record": lambda: jobs.ended_record(root, bad),
+        "reserve_name": lambda: jobs.reserve_name(root, bad)}
+    problems = []
+    for what, call in calls.items():
+        try:
+            call()
+            problems.append(f"{what} took {bad!r}")
+        except UserError as err:
+            if "run name '../../victim'" not in str(err):
+                problems.append(f"{what}: {err}")
+    # a record planted in the queue with such a name is ignored, not followed
+    (root / jobs.QUEUE / "pending" / "planted.json").write_text(
+        json.dumps({"name": bad, "args": []}))
+    if jobs.pending_jobs(root) or jobs.claim_next(root) is not None:
+        problems.append("a planted record with a path as its name was queued")
+    lost = [] if victim.exists() and victim.read_text() == '{"name": "victim"}' else [victim]
+    if lost:
+        problems.append("the file outside the queue was changed")
+    record("a run name that is a path (../../victim)", "security", len(calls) + 1,
+           "refused with one sentence; nothing outside the queue touched", problems,
+           data_lost=len(lost))
     assert not problems, problems

@@ -12,7 +12,7 @@ from spider import evaluate as evaluate_module
 from spider.data.collate import TrainCollator
 from spider.data.records import Example, Turn
 from spider.evaluate import evaluate, generate_answers, main
-from spider.models import build_tiny_llava
+from spider.tiny_llava import build_tiny_llava
 
 WORDS = "what color is the circle ? how many squares three blue red , left of a digit .".split()
 

@@ -23,7 +23,7 @@ from spider.data.records import Example, Turn
 from spider.errors import UserError
 from spider.evaluate import generate_answers
 from spider.loop import LoopHooks
-from spider.models import load_model
+from spider.models import NO_VIDEO_PROCESSOR, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,8 +189,50 @@ def test_video_families_load_without_torchvision(family_dirs):
         _, processor = load_model(family_dirs[family])
         assert type(processor).__name__ == json.loads(
             (family_dirs[family] / "processor_config.json").read_text())["processor_class"]
-        assert getattr(processor, "video_processor", None) is None
+        # no video processor: at most the stand-in that refuses videos in one sentence
+        assert getattr(processor, "video_processor", None) in (None, NO_VIDEO_PROCESSOR)
         assert type(processor.image_processor).__name__.endswith("Pil"), family
+    _, processor = load_model(family_dirs["smolvlm"])
+    with pytest.raises(UserError, match="built without torchvision.*not videos"):
+        processor.video_processor([[Image.new("RGB", (32, 32))]])
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - SUFFIX))
+def test_the_processor_api_works_on_every_loaded_processor(family, family_dirs):
+    """What people call on a processor, whether or not it was built without torchvision:
+    ``apply_chat_template`` (as text, and tokenized with the images inside the messages),
+    ``__call__`` and ``decode``. SmolVLM's ``apply_chat_template`` read its video
+    processor's settings and failed with an AttributeError when built without one."""
+    _, processor = load_model(family_dirs[family])
+    image = Image.new("RGB", (40, 32), (10, 200, 10))
+    question = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "What color is it?"}]}]
+    text = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    assert text == processor.tokenizer.apply_chat_template(
+        question, chat_template=processor.chat_template, add_generation_prompt=True,
+        tokenize=False)
+    direct = processor(text=[text], images=[[image]], return_tensors="pt")
+    with_image = [{"role": "user", "content": [{"type": "image", "image": image},
+                                               {"type": "text", "text": "What color is it?"}]}]
+    tokenized = processor.apply_chat_template(with_image, add_generation_prompt=True,
+                                              tokenize=True, return_dict=True,
+                                              return_tensors="pt")
+    assert set(direct) <= set(tokenized), family
+    bos = processor.tokenizer.bos_token_id
+
+    def body(ids):  # whether a BOS is added depends on the family's template: not compared
+        ids = ids[0].tolist()
+        while ids and ids[0] == bos:
+            ids = ids[1:]
+        return ids
+
+    assert body(tokenized["input_ids"]) == body(direct["input_ids"]), family
+    for key, value in direct.items():
+        if key not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
+            assert torch.equal(tokenized[key], value), (family, key)
+    ids = processor.tokenizer("red circle", add_special_tokens=False)["input_ids"]
+    assert processor.decode(ids).strip() == "red circle"
+    assert processor.batch_decode([ids])[0].strip() == "red circle"
 
 
 def test_a_processor_that_needs_torchvision_is_one_error_line_naming_it(family_dirs, tmp_path):

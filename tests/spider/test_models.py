@@ -13,12 +13,12 @@ from PIL import Image
 from spider.errors import UserError
 from spider.models import (
     WORD_PATTERN,
-    build_tiny_llava,
     load_model,
     resolve_model_path,
     select_trainable,
 )
 from spider.naming import parse_param_name
+from spider.tiny_llava import build_tiny_llava
 
 # A vocabulary like the built-in datasets' (kept here so these tests stand alone).
 WORDS = (
@@ -302,6 +302,41 @@ def test_select_trainable_parts_and_last_layers(saved):
         "lm_head.weight" not in trained
         and "model.language_model.embed_tokens.weight" not in trained
     )
+    select_trainable(model)  # leave the shared fixture as found
+
+
+def test_select_trainable_attention_or_gate_up_of_every_decoder_layer(saved):
+    """``attn``: q/k/v/o weights and biases of every decoder layer; ``mlp_gate_up``: gate
+    and up (down frozen); both compose with other parts and with ``last_layers``."""
+    _, model, _ = saved
+    layers = model.config.text_config.num_hidden_layers
+
+    def trained():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def llm_modules(modules, first=0):
+        return {n for n, _ in model.named_parameters()
+                if parse_param_name(n).component == "llm"
+                and parse_param_name(n).layer is not None
+                and parse_param_name(n).layer >= first
+                and parse_param_name(n).module in modules}
+
+    select_trainable(model, ["attn"])
+    attn = llm_modules({"q_proj", "k_proj", "v_proj", "o_proj"})
+    assert trained() == attn and len(attn) >= 4 * layers
+    select_trainable(model, ["mlp_gate_up", "projector"])
+    gate_up = llm_modules({"gate_proj", "up_proj"})
+    projector = {n for n, _ in model.named_parameters()
+                 if parse_param_name(n).component == "projector"}
+    assert trained() == gate_up | projector and not any("down_proj" in n for n in trained())
+    summary = select_trainable(model, ["attn", "mlp_gate_up"], last_layers=1)
+    assert trained() == llm_modules({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj"}, first=layers - 1)
+    assert summary["llm"]["frozen"] > 0 and summary["vision"]["trainable"] == 0
+    with pytest.raises(UserError, match="attn"):
+        select_trainable(model, ["everything"])
+    with pytest.raises(UserError, match="last_layers"):
+        select_trainable(model, ["projector"], last_layers=1)
     select_trainable(model)  # leave the shared fixture as found
 
 

@@ -206,3 +206,46 @@ def test_a_kill_between_the_renames_of_a_resume_swap_loses_no_state(tmp_path):
     meta, groups = run.read_resume()
     assert meta["step"] == 2 and torch.equal(groups["weights"]["w"], torch.ones(3))
     assert run.resume_dir.is_dir()
+
+
+def test_the_incremental_reader_returns_complete_lines_only_and_rereads_a_rewritten_log(
+        tmp_path):
+    from spider.rundir import LogTail, read_since
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    tail = run.tail_events()
+    assert isinstance(tail, LogTail) and not tail.read()  # no file yet
+    run.append_events([{"event": "train", "step": 1, "loss": 1.0}])
+    assert tail.read() and [r["step"] for r in tail.rows] == [1]
+    assert not tail.read()  # nothing new
+    with open(run.metrics_file, "a") as fh:  # a line still being written waits
+        fh.write('{"event": "train", "step": 2, "lo')
+    assert not tail.read() and len(tail.rows) == 1
+    with open(run.metrics_file, "a") as fh:
+        fh.write('ss": 0.5}\nnot json\n')  # completed; a damaged line is skipped
+    assert tail.read() and [r["step"] for r in tail.rows] == [1, 2]
+    rows, offset = read_since(run.metrics_file, 0)
+    assert [r["step"] for r in rows] == [1, 2] and offset == run.metrics_file.stat().st_size
+    assert read_since(run.metrics_file, offset) == ([], offset)
+    run.truncate_events(1)  # what --resume does: rewritten shorter, read again whole
+    assert tail.read() and [r["step"] for r in tail.rows] == [1]
+
+
+def test_liveness_lives_in_its_own_module_and_the_run_directory_reads_it():
+    import spider.liveness as liveness
+    from spider import rundir
+
+    assert rundir.process_record is liveness.process_record
+    record = liveness.process_record()
+    assert liveness.on_this_host(record) and liveness.record_alive(record)
+    assert not liveness.record_alive({**record, "pid_start_time": record["pid_start_time"] + 1})
+    assert liveness.heartbeat_stale({}) is None
+    now = 1000.0
+    fresh = {"heartbeat": now - 5, "heartbeat_interval_s": 10.0}
+    assert liveness.heartbeat_stale(fresh, now) is False
+    assert liveness.heartbeat_stale({**fresh, "heartbeat": now - 61}, now) is True
+    beats = []
+    with liveness.Heartbeat(lambda: beats.append(1), interval=0.01):
+        time.sleep(0.2)
+    assert beats

@@ -9,6 +9,12 @@ cannot hold entry by entry, so two such runs are compared for what must hold ins
 * each of them sat within ``TIE_EPS`` of the tie (|G - I| in the reference run) at the step
   where it first differed;
 * every other entry agrees to rounding (checked by the caller, with these entries excluded).
+
+These helpers compare masks over consecutive steps of two runs. The distributed and Trainer
+tests no longer compare separately run trajectories (they drift apart, by an amount that
+depends on the CPU's kernels); they compare one step in lockstep with derived bounds
+(``lockstep.py``, whose tie bound is derived from the gradients' rounding instead of
+``TIE_EPS``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from PIL import Image
 from spider.data.collate import GenerationCollator, TrainCollator, prompt_text
 from spider.data.records import Example, Turn
 from spider.errors import UserError
-from spider.models import build_tiny_llava
+from spider.tiny_llava import build_tiny_llava
 
 WORDS = (
     "what color is the circle square ? red blue green how many shapes are there two three "

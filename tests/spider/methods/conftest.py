@@ -75,8 +75,12 @@ class Harness:
         x, y = batch
         losses = []
         for _ in range(steps):
-            loss = nn.functional.mse_loss(method.model(x).float(), y.float())
+            outputs = method.model(x)
+            loss = nn.functional.mse_loss(outputs.float(), y.float())
             losses.append(loss.item())
+            extra = method.output_penalty({"x": x}, outputs)  # LwF: needs batch and outputs
+            if extra is not None:
+                loss = loss + extra
             penalty = method.loss_penalty()
             if penalty is not None:
                 loss = loss + penalty

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from spider_reference import ReferenceSpider
-from spider_reference import rank as reference_rank
 
+from bench.spider_reference import ReferenceSpider
+from bench.spider_reference import rank as reference_rank
 from spider.importance import rank
 from spider.methods import build_method
 from spider.methods.spider import keep_weight

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.figures import method_color
+from analysis.figures.style import method_color
 
 STYLES = {  # colour scale, fixed range (None: symmetric about 0 over the group), text format
     "importance": ("Viridis", (0.0, 1.0), ".2f"),
