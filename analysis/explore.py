@@ -344,26 +344,99 @@ def table_at_step(all_steps: pd.DataFrame, step: int) -> pd.DataFrame:
 MATRIX_VALUES = statistics.heatmap_values()
 """``{value: label}`` a layer x step matrix offers (``spider.statistics.heatmap_values``)."""
 
-def layer_step_matrix(layers_df: pd.DataFrame, value: str = "mask_density") -> pd.DataFrame:
+FROZEN_COLUMNS = ("component", "layer", "name", "frozen_modules", "all_frozen")
+"""Columns of :func:`frozen_layers`."""
+
+
+def frozen_layers(status: pd.DataFrame, components: Iterable[str] | None = None,
+                  modules: Iterable[str] | None = None) -> pd.DataFrame:
+    """Per layer (component, block) of the base model, the modules the run left frozen.
+
+    Input: :func:`analysis.tensors.parameter_status` (every parameter of the base model and
+    whether the run trained it), filtered like :func:`filter_layers`. One row per layer that
+    has a frozen tensor among those kept: ``frozen_modules`` (their module names, model
+    order, comma-separated) and ``all_frozen`` (no tensor of the layer among those kept
+    trained: the layer has no statistics at all, it never moved from theta0). Rows in model
+    order. Columns :data:`FROZEN_COLUMNS`.
+    """
+    if status is None or status.empty:
+        return pd.DataFrame(columns=list(FROZEN_COLUMNS))
+    stats.require_columns(status, ("component", "layer", "module", "trained"), "status")
+    kept = filter_layers(status, components, modules)
+    rows = []
+    for (component, layer), part in kept.groupby(
+            ["component", kept["layer"].astype("float")], sort=False, dropna=False):
+        frozen = part[~part["trained"].astype(bool)]
+        if frozen.empty:
+            continue
+        layer = None if pd.isna(layer) else int(layer)
+        rows.append({"component": component, "layer": layer,
+                     "name": layer_name(component, layer),
+                     "frozen_modules": ", ".join(dict.fromkeys(frozen["module"])),
+                     "all_frozen": len(frozen) == len(part),
+                     "_key": _layer_sort_key(component, layer)})
+    if not rows:
+        return pd.DataFrame(columns=list(FROZEN_COLUMNS))
+    out = pd.DataFrame.from_records(rows).sort_values("_key")
+    out["layer"] = out["layer"].astype("Int64")
+    return out.loc[:, list(FROZEN_COLUMNS)].reset_index(drop=True)
+
+
+def layer_step_matrix(layers_df: pd.DataFrame, value: str = "mask_density",
+                      frozen: pd.DataFrame | None = None,
+                      steps: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tidy layer x step values for a heatmap: columns run, method, name, order, step,
     ``value`` (one of :data:`MATRIX_VALUES`), pooled exactly over each layer's tensors.
-    ``order`` sorts rows in model order (as :func:`layer_table`)."""
+    ``order`` sorts rows in model order (as :func:`layer_table`).
+
+    ``frozen`` (:func:`frozen_layers`): its layers with no trained tensor get rows too, at
+    each logged step, ``value`` NaN and a ``frozen`` column True (False on the others; the
+    column is there only when ``frozen`` is given), so that a heatmap shows them as frozen
+    rather than leaving them out. ``steps``: the (run, method, step) rows those get (default:
+    those of ``layers_df``; give the unfiltered run's where a filter may leave none)."""
     if value not in MATRIX_VALUES:
         raise ValueError(f"value must be one of {', '.join(MATRIX_VALUES)}, got {value!r}")
     stats.require_columns(layers_df, ("run", "step"), "layers DataFrame")
     by = ("component", "layer")
+    columns = ["run", "method", "name", "order", "step", value]
+    if frozen is not None:
+        columns.append("frozen")
+    if steps is None:
+        steps = layers_df
+    if layers_df.empty and (frozen is None or not len(frozen) or steps.empty):
+        return pd.DataFrame(columns=columns)
     if layers_df.empty:
-        return pd.DataFrame(columns=["run", "method", "name", "order", "step", value])
-    if value in _POOLED_BY:
+        frame = pd.DataFrame({"run": [], "method": [], "step": [], "component": [],
+                              "layer": [], value: []})
+    elif value in _POOLED_BY:
         frame = _POOLED_BY[value](layers_df, by)
     else:
         frame = stats.pooled(layers_df, (value,), by=by)
-    names = [layer_name(c, layer) for c, layer in zip(frame["component"], frame["layer"])]
-    keys = [_layer_sort_key(c, layer) for c, layer in zip(frame["component"], frame["layer"])]
+    comps, layers = list(frame["component"]), list(frame["layer"])
+    flags = [False] * len(frame)
+    frame = frame.loc[:, ["run", "method", "step", value]]
+    if frozen is not None and len(frozen):
+        whole = frozen[frozen["all_frozen"].astype(bool)]
+        seen = {_layer_sort_key(c, la) for c, la in zip(comps, layers)}
+        extra = [(c, la) for c, la in zip(whole["component"], whole["layer"])
+                 if _layer_sort_key(c, la) not in seen]
+        if extra:
+            runs = steps.drop_duplicates(["run", "step"])[["run", "method", "step"]]
+            for c, la in extra:
+                add = runs.assign(**{value: np.nan})
+                frame = pd.concat([frame, add], ignore_index=True)
+                comps += [c] * len(add)
+                layers += [la] * len(add)
+                flags += [True] * len(add)
+    names = [layer_name(c, layer) for c, layer in zip(comps, layers)]
+    keys = [_layer_sort_key(c, layer) for c, layer in zip(comps, layers)]
     ranks = {k: i for i, k in enumerate(sorted(set(keys)))}
-    out = pd.DataFrame({"run": frame["run"], "method": frame["method"], "name": names,
-                        "order": [ranks[k] for k in keys], "step": frame["step"].astype("int64"),
-                        value: frame[value].astype(float)})
+    out = pd.DataFrame({"run": frame["run"].to_numpy(), "method": frame["method"].to_numpy(),
+                        "name": names, "order": [ranks[k] for k in keys],
+                        "step": frame["step"].astype("int64").to_numpy(),
+                        value: frame[value].astype(float).to_numpy()})
+    if frozen is not None:
+        out["frozen"] = flags
     return out.sort_values(["run", "order", "step"]).reset_index(drop=True)
 
 

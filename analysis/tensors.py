@@ -13,7 +13,10 @@
 * :func:`update_agreement` — per layer, whether two runs moved the same weights, and the same
   way (:func:`analysis.stats.moved_overlap`, :func:`analysis.stats.update_cosine`).
 * :func:`tensors_npz` — the tensors themselves, at full resolution, as a ``.npz`` (no
-  pickle).
+  pickle); :func:`tensors_safetensors` the same as ``.safetensors``.
+* :func:`mask_flips` — where the mask side (w > 0) changed between two checkpoints.
+* :func:`updated_entries` — every moved entry's index, θ0, θ and Δ (for a CSV);
+  :func:`region_bounds` clips a row/column range to a tensor.
 """
 
 from __future__ import annotations
@@ -322,3 +325,191 @@ def update_agreement(run_a: Run, run_b: Run, step: int,
     rank = {name: i for i, name in enumerate(order)}
     return frame.sort_values("name", key=lambda c: c.map(lambda n: rank.get(n, len(rank))),
                              kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Mask flips, regions, more downloads
+# --------------------------------------------------------------------------------------------
+
+UPDATED_COLUMNS = ("row", "col", "theta0", "value", "delta")
+"""Columns of :func:`updated_entries`: 2-D index, θ0, θ at the step, Δ = θ − θ0."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskFlips:
+    """Where a tensor's mask side (w > 0: free, w = 0: pinned) changed between two
+    checkpoints: ``flips`` is +1 (pinned → free), −1 (free → pinned), 0 (same side)."""
+
+    step_a: int
+    step_b: int
+    flips: torch.Tensor  # int8, the tensor's shape
+    freed: int
+    pinned: int
+    numel: int
+
+
+def mask_flips(run: Run, step_a: int, step_b: int, param: str) -> MaskFlips:
+    """The entries of ``param`` whose mask side (``w > 0``) differs between checkpoints
+    ``step_a`` and ``step_b`` (``Run.tensor(step, param, "mask")``). Raises ``UserError``
+    for a method without a per-weight mask."""
+    free_a = run.tensor(step_a, param, "mask") > 0
+    free_b = run.tensor(step_b, param, "mask") > 0
+    flips = free_b.to(torch.int8) - free_a.to(torch.int8)
+    return MaskFlips(int(step_a), int(step_b), flips, int((flips > 0).sum()),
+                     int((flips < 0).sum()), flips.numel())
+
+
+def region_bounds(shape: Sequence[int], rows: tuple[int, int], cols: tuple[int, int]
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``rows`` and ``cols`` (half-open ``(start, stop)``) clipped to a tensor of 2-D
+    ``shape``, each at least one index wide."""
+    out = []
+    for (start, stop), n in zip((rows, cols), shape):
+        start = min(max(int(start), 0), max(int(n) - 1, 0))
+        stop = min(max(int(stop), start + 1), int(n))
+        out.append((start, stop))
+    return out[0], out[1]
+
+
+def updated_entries(run: Run, step: int, param: str) -> pd.DataFrame:
+    """Every entry of ``param`` that checkpoint ``step`` moved (Δ ≠ 0): its 2-D index (the
+    tensor viewed as rows × the rest), θ0, θ at ``step`` and Δ, all as float32 values.
+    Columns :data:`UPDATED_COLUMNS`, in row-major order."""
+    from analysis.heatmaps import as_2d
+
+    delta = as_2d(run.tensor(step, param, "delta"))
+    value = as_2d(run.tensor(step, param, "weight"))
+    theta0 = as_2d(run.theta0(param).float())
+    rows, cols = torch.nonzero(delta != 0, as_tuple=True)
+    return pd.DataFrame({
+        "row": rows.numpy(), "col": cols.numpy(),
+        "theta0": theta0[rows, cols].numpy(), "value": value[rows, cols].numpy(),
+        "delta": delta[rows, cols].numpy(),
+    }, columns=list(UPDATED_COLUMNS))
+
+
+def updated_entries_csv(frame: pd.DataFrame) -> bytes:
+    """:func:`updated_entries` as CSV; floats with 9 significant digits, which give back
+    each float32 exactly."""
+    return frame.to_csv(index=False, float_format="%.9g").encode()
+
+
+def tensors_safetensors(views: Mapping[str, torch.Tensor], param: str, step: int) -> bytes:
+    """The same as :func:`tensors_npz`, as a ``.safetensors`` file: one float32 tensor per
+    kind in the tensor's own shape; ``param`` and ``step`` in its metadata."""
+    from safetensors.torch import save
+
+    tensors = {kind: torch.as_tensor(t).detach().float().cpu().contiguous()
+               for kind, t in views.items()}
+    return save(tensors, metadata={"param": param, "step": str(int(step))})
+
+
+# --------------------------------------------------------------------------------------------
+# What a run trained and what it left frozen
+# --------------------------------------------------------------------------------------------
+
+STATUS_COLUMNS = ("param", "component", "layer", "module", "numel", "trained", "logged")
+"""Columns of :func:`parameter_status`."""
+
+
+def train_setting(run: Run) -> str:
+    """The run's ``--train`` setting as its command line gave it ("--train attn", with
+    ``--train-last-layers N`` where set): what a frozen cell's hover cites."""
+    config = run.info.get("config", {}) if isinstance(run.info, dict) else {}
+    text = f"--train {config.get('train') or 'llm,projector'}"
+    if config.get("train_last_layers"):
+        text += f" --train-last-layers {int(config['train_last_layers'])}"
+    return text
+
+
+def parameter_status(run: Run) -> pd.DataFrame:
+    """Every parameter of the run's base model, whether the run trained it and whether its
+    statistics were logged.
+
+    The names come from the base model's file header (no tensor is read); ``trained`` applies
+    the run's ``--train`` / ``--train-last-layers`` (``config.train``,
+    ``config.train_last_layers`` of ``run.json``) through :func:`spider.models.is_trained`,
+    the rule training used. ``logged``: the parameter has rows in ``layers.jsonl``. So a
+    parameter is *frozen* (``not trained``: it never moved from theta0) or trained but not
+    logged (its statistics were not written: a run stopped before its first logged step).
+    Empty (columns :data:`STATUS_COLUMNS`) when the base model cannot be read.
+    """
+    from spider.models import is_trained
+
+    try:
+        base = run._base_index()
+    except (UserError, OSError):
+        return pd.DataFrame(columns=list(STATUS_COLUMNS))
+    config = run.info.get("config", {}) if isinstance(run.info, dict) else {}
+    parts = [p.strip() for p in str(config.get("train") or "llm,projector").split(",")
+             if p.strip()]
+    parsed = {key: parse_param_name(key) for key in base.file_of}
+    first = None
+    last = int(config.get("train_last_layers") or 0)
+    if last:
+        layers = [p.layer for p in parsed.values() if p.component == "llm"
+                  and p.layer is not None]
+        first = max(layers) + 1 - last if layers else None
+    try:  # the run-time names of layers.jsonl, as the base model's file names them
+        logged = {base.key(str(p)) for p in pd.unique(run.layers["param"])}
+    except (UserError, KeyError):
+        logged = set()
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(set(base.file_of.values())):
+        with safe_open(str(file), framework="pt") as handle:
+            shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
+    rows = []
+    for key, info in parsed.items():
+        rows.append({"param": key, "component": info.component,
+                     "layer": info.layer if info.layer is not None else pd.NA,
+                     "module": info.module, "numel": int(math.prod(shapes[key])),
+                     "trained": bool(is_trained(info, parts, first)),
+                     "logged": key in logged})
+    frame = pd.DataFrame.from_records(rows, columns=list(STATUS_COLUMNS))
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+FROZEN_TENSOR_COLUMNS = ("param", "base_key", "component", "layer", "module", "numel")
+"""Columns of :func:`frozen_tensors`."""
+
+
+def _runtime_name(key: str, renames: Mapping[str, str]) -> str:
+    """``key`` of the base model's file renamed as the run names parameters, by the longest
+    prefix rename seen on its trained tensors; ``key`` itself where none applies."""
+    for disk in sorted(renames, key=len, reverse=True):
+        if key.startswith(disk):
+            return renames[disk] + key[len(disk):]
+    return key
+
+
+def frozen_tensors(run: Run) -> pd.DataFrame:
+    """The base model's parameters the run did not train (:func:`parameter_status`), named
+    as the run names parameters where its trained tensors show how (the base model's file
+    may say ``language_model.model.layers.0`` for ``model.language_model.layers.0``; else
+    the file's name, which :meth:`analysis.Run.theta0` reads all the same). ``base_key``:
+    the name in the file. Columns :data:`FROZEN_TENSOR_COLUMNS`."""
+    status = parameter_status(run)
+    frozen = status[~status["trained"].astype(bool)] if len(status) else status
+    if frozen.empty:
+        return pd.DataFrame(columns=list(FROZEN_TENSOR_COLUMNS))
+    base = run._base_index()
+    renames: dict[str, str] = {}
+    try:
+        trained = [str(p) for p in pd.unique(run.layers["param"])]
+    except (UserError, KeyError):
+        trained = []
+    for name in trained:  # the differing prefix of (file name, run-time name) pairs
+        key = base.key(name)
+        if key is None or key == name:
+            continue
+        a, b = key.split("."), name.split(".")
+        same = 0
+        while same < min(len(a), len(b)) and a[-1 - same] == b[-1 - same]:
+            same += 1
+        disk, runtime = ".".join(a[:len(a) - same]), ".".join(b[:len(b) - same])
+        if disk:
+            renames.setdefault(disk + ".", runtime + "." if runtime else "")
+    out = frozen.assign(base_key=frozen["param"],
+                        param=[_runtime_name(k, renames) for k in frozen["param"]])
+    return out.loc[:, list(FROZEN_TENSOR_COLUMNS)].reset_index(drop=True)

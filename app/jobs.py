@@ -15,6 +15,10 @@ app or a shell see the same jobs::
         logs/NAME.log              the log until the runner has written NAME/run.json
         timings/timing-*/          short timing runs the page made for an estimate
 
+A job of kind ``attribute`` (:func:`queue_attribution`) runs ``python -m analysis.attribute``
+on a finished run through the same queue; it has no run directory of its own, so its log
+stays in ``logs/`` and :func:`attribution_jobs` (not :func:`jobs_overview`) lists it.
+
 Why these choices:
 
 * **Claiming** a queued job is ``os.rename(pending/NAME.json, active/NAME.json)``: atomic, so
@@ -71,6 +75,10 @@ GRACE_S = 30.0
 POLL_S = 0.2
 """How often the supervisor looks at its job (log to move, cancel deadline, exit)."""
 
+ATTRIBUTE = "attribute"
+"""The job kind that explains a finished run (:func:`queue_attribution`)."""
+ATTRIBUTE_BY = ("component", "layer", "module")
+"""The groupings of ``python -m analysis.attribute --by``."""
 STOPPED_UNEXPECTEDLY = rundir.STOPPED_UNEXPECTEDLY
 RESUMABLE = ("cancelled", STOPPED_UNEXPECTEDLY)
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
@@ -105,6 +113,8 @@ class Job:
     resume: bool = False
     queued: float = 0.0
     order: int = 0  # time.time_ns() when queued: the queue runs in this order
+    kind: str = "train"  # or ATTRIBUTE: ``python -m analysis.attribute TARGET ARGS``
+    target: str = ""  # the finished run an attribution job explains
 
     def __post_init__(self):
         check_run_name(self.name)
@@ -114,6 +124,8 @@ class Job:
 
     def command(self, root: str | os.PathLike) -> list[str]:
         """The runner's argument list (never a shell string)."""
+        if self.kind == ATTRIBUTE:
+            return [sys.executable, "-m", "analysis.attribute", self.target, *self.args]
         cmd = [sys.executable, "-m", "spider.train", "--output-dir",
                str(self.run_dir(root).resolve())]
         return cmd + (["--resume"] if self.resume else list(self.args))
@@ -432,10 +444,16 @@ def jobs_overview(root: str | os.PathLike) -> list[JobView]:
     root = Path(root)
     views = []
     for record in active_records(root):
+        if record.get("kind", "train") != "train":
+            continue  # an attribution job: attribution_jobs() shows it
         info = run_info(root / record["name"])
         alive = process_alive(record.get("pid"), record.get("pid_start"))
         if info is None:
             state = "starting" if alive or "pid" not in record else "failed"
+        elif "pid" not in record or (alive and info.get("pid") != record.get("pid")):
+            # run.json is still an earlier attempt's (a resumed run's runner is loading the
+            # model): its "cancelled" is not this job's state; the job is starting
+            state = "starting"
         else:
             state = run_status(root / record["name"], info)
             if state == "running" and not alive and record.get("pid") == info.get("pid"):
@@ -443,7 +461,7 @@ def jobs_overview(root: str | os.PathLike) -> list[JobView]:
         views.append(JobView(record["name"], state, root / record["name"],
                              order=record.get("order", 0)))
     views += [JobView(j.name, "queued", j.run_dir(root), order=j.order)
-              for j in pending_jobs(root)]
+              for j in pending_jobs(root) if j.kind == "train"]
     return views
 
 
@@ -454,6 +472,8 @@ def ended_before_run(root: str | os.PathLike) -> list[JobView]:
     for record in _records(queue_dir(root) / "ended"):
         if record.get("dequeued") or "returncode" not in record:
             continue
+        if record.get("kind", "train") != "train":
+            continue  # an attribution job: attribution_jobs() shows it
         if (Path(root) / record["name"] / rundir.RUN_FILE).exists():
             continue
         state = "cancelled" if record.get("cancel_requested") else "failed"
@@ -465,6 +485,77 @@ def ended_before_run(root: str | os.PathLike) -> list[JobView]:
 def anything_running(root: str | os.PathLike) -> bool:
     """True while a job is queued or its runner lives (the page keeps refreshing then)."""
     return any(v.state in ("queued", "starting", "running") for v in jobs_overview(root))
+
+
+# ---------------------------------------------------------------------------------- attribution
+@dataclasses.dataclass
+class AttributionView:
+    """One attribution job as the Train page shows it."""
+
+    name: str
+    state: str  # queued | running | done | failed | cancelled
+    target: Path  # the run it explains
+    args: list[str]
+    log: Path
+    error: str | None = None
+    order: int = 0
+
+
+def queue_attribution(root: str | os.PathLike, run_dir: str | os.PathLike, by: str,
+                      eval_limit: int | None = None, start_supervisor: bool = True) -> Job:
+    """Queue ``python -m analysis.attribute RUN --by BY [--eval-limit N]`` for a finished
+    run, as a job of the same queue as the training runs (one after another). The job's
+    name is ``RUN.attribute-BY`` (made unique); its log is ``.queue/logs/NAME.log``."""
+    if by not in ATTRIBUTE_BY:
+        raise UserError(f"--by must be one of {', '.join(ATTRIBUTE_BY)}, got {by!r}")
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / rundir.RUN_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {rundir.RUN_FILE})")
+    status = run_status(run_dir)
+    if status != "done":
+        raise UserError(f"run {run_dir.name} is {status}; only a finished run can be explained")
+    args = ["--by", by] + (["--eval-limit", str(int(eval_limit))] if eval_limit else [])
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", run_dir.name)[:60].strip("-.") or "run"
+    name = reserve_name(root, f"{stem}.{ATTRIBUTE}-{by}")
+    now = time.time_ns()
+    job = Job(name=name, args=args, queued=now / 1e9, order=now, kind=ATTRIBUTE,
+              target=str(run_dir))
+    if not _write_new(_sub(root, "pending") / f"{name}.json", job.to_json()):
+        raise UserError(f"job {name} is already queued")
+    if start_supervisor:
+        ensure_supervisor(root)
+    return job
+
+
+def attribution_jobs(root: str | os.PathLike) -> list[AttributionView]:
+    """Attribution jobs, newest first: queued, running (its process alive), or ended (done
+    when it exited 0; cancelled when asked; else failed with its last error line)."""
+    root = Path(root)
+    views = []
+    for job in pending_jobs(root):
+        if job.kind == ATTRIBUTE:
+            views.append(AttributionView(job.name, "queued", Path(job.target), job.args,
+                                         queue_dir(root) / "logs" / f"{job.name}.log",
+                                         order=job.order))
+    for folder, ended in (("active", False), ("ended", True)):
+        for record in _records(queue_dir(root) / folder):
+            if record.get("kind") != ATTRIBUTE:
+                continue
+            log = Path(record.get("log") or queue_dir(root) / "logs" / f"{record['name']}.log")
+            error = None
+            if not ended:
+                alive = process_alive(record.get("pid"), record.get("pid_start"))
+                state = "running" if alive or "pid" not in record else "failed"
+            elif record.get("dequeued") or record.get("cancel_requested"):
+                state = "cancelled"
+            elif record.get("returncode") == 0:
+                state = "done"
+            else:
+                state, error = "failed", record.get("error") or last_error_line(log)
+            views.append(AttributionView(record["name"], state, Path(record.get("target", "")),
+                                         list(record.get("args", [])), log, error,
+                                         order=record.get("order", 0)))
+    return sorted(views, key=lambda v: v.order, reverse=True)
 
 
 # ---------------------------------------------------------------------------------- supervisor

@@ -145,16 +145,36 @@ class Estimate:
     basis: str  # where the numbers come from, for the page
 
 
-def _same_model(info: dict, model_dir: Path) -> bool:
-    ref = info.get("model") if isinstance(info.get("model"), dict) else {}
+def _same_model(info: dict, model_dir: Path, run_dir: Path) -> bool:
+    """Whether run.json ``info`` names ``model_dir`` as its base model, however it names it
+    (relative to the run or the project, or absolute: ``spider.rundir.model_candidates``),
+    so the bundled sample runs count in a fresh clone too."""
+    found = rundir.resolve_model_reference(info.get("model"), run_dir)
     try:
-        return Path(ref.get("path", "")).resolve() == model_dir.resolve()
+        return found is not None and found.resolve() == model_dir.resolve()
     except OSError:
         return False
 
 
-def _timing(run_dir: Path) -> tuple[float, int, float | None, int] | None:
-    """(median seconds per step, batch size, seconds per evaluation, eval limit) of a run."""
+@dataclass(frozen=True)
+class _Timing:
+    """What an earlier run says about how long this model takes."""
+
+    step_seconds: float  # median seconds per optimizer step
+    batch_size: int
+    eval_seconds: float | None  # mean seconds per evaluation
+    scored: dict[str, int]  # examples scored per split in one evaluation
+    eval_limit: int  # that run's --eval-limit
+
+    def examples(self, eval_limit: int) -> int:
+        """Examples an evaluation scores under ``eval_limit``: per split, the limit or the
+        split's size where the split was smaller than this run's limit (it scored them all)."""
+        return sum(min(eval_limit, n) if n < self.eval_limit else eval_limit
+                   for n in self.scored.values())
+
+
+def _timing(run_dir: Path) -> _Timing | None:
+    """How long a run's steps and evaluations took, and what an evaluation scored."""
     try:
         info = json.loads((run_dir / rundir.RUN_FILE).read_text())
         events = rundir.RunDir(run_dir).read_events()
@@ -165,6 +185,10 @@ def _timing(run_dir: Path) -> tuple[float, int, float | None, int] | None:
                if e.get("event") == "train" and isinstance(e.get("seconds"), (int, float))]
     if len(seconds) < 3:
         return None
+    scores = [e for e in events if e.get("event") == "eval" and e.get("metric") == "score"
+              and isinstance(e.get("n"), int)]
+    scored = {str(e["split"]): int(e["n"]) for e in scores if e["step"] == scores[0]["step"]} \
+        if scores else {}
     eval_seconds = None
     progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
     if isinstance(progress.get("eval_seconds"), (int, float)):
@@ -175,15 +199,24 @@ def _timing(run_dir: Path) -> tuple[float, int, float | None, int] | None:
         wall = float(info["ended"]) - float(info.get("created", info["ended"]))
         if evals and wall > sum(seconds):
             eval_seconds = (wall - sum(seconds)) / evals
-    return (statistics.median(seconds), int(config.get("batch_size") or 1), eval_seconds,
-            int(config.get("eval_limit") or 1))
+    return _Timing(statistics.median(seconds), int(config.get("batch_size") or 1),
+                   eval_seconds if scored else None, scored, int(config.get("eval_limit") or 1))
 
 
 def estimate(model_dir: str | os.PathLike, steps: int, batch_size: int, eval_every: int,
              eval_limit: int, run_dirs: Iterable[str | os.PathLike], device: str = "cpu"
              ) -> Estimate | None:
     """How long ``steps`` steps will take, from earlier runs of the same base model on the
-    same kind of device (None when there is none to go by)."""
+    same kind of device (None when there is none to go by).
+
+    Steps: an earlier run's median seconds per step, scaled by the batch size. Evaluations:
+    its seconds per example scored (all splits of one evaluation together) times the examples
+    an evaluation will score under ``eval_limit`` (per split, the limit or the whole split
+    where it is smaller). A short timing run scores few examples, and an evaluation's time
+    is far from proportional to them (batched generation; a fixed part per split and a
+    first-evaluation warm-up: on a CPU, 5 examples per split took 9 s and 100 took 21-54 s),
+    which is why :func:`measure` scores as many as the run will (up to
+    :data:`MEASURE_EVAL_LIMIT`): the per-example time then carries over."""
     model_dir = Path(model_dir)
     timings = []
     for run_dir in run_dirs:
@@ -192,15 +225,17 @@ def estimate(model_dir: str | os.PathLike, steps: int, batch_size: int, eval_eve
             info = json.loads((run_dir / rundir.RUN_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if not _same_model(info, model_dir) or str(info.get("device", "cpu"))[:4] != device[:4]:
+        if (not isinstance(info, dict) or not _same_model(info, model_dir, run_dir)
+                or str(info.get("device", "cpu"))[:4] != device[:4]):
             continue
         found = _timing(run_dir)
         if found:
             timings.append((run_dir.name, found))
     if not timings:
         return None
-    per_step = statistics.median(t[0] * batch_size / t[1] for _, t in timings)
-    evals = [t[2] * eval_limit / t[3] for _, t in timings if t[2]]
+    per_step = statistics.median(t.step_seconds * batch_size / t.batch_size for _, t in timings)
+    evals = [t.eval_seconds / sum(t.scored.values()) * t.examples(eval_limit)
+             for _, t in timings if t.eval_seconds and sum(t.scored.values())]
     n_evals = steps // eval_every + 1 + (steps % eval_every != 0)  # step 0, every K, the end
     eval_total = n_evals * statistics.median(evals) if evals else 0.0
     basis = (f"from {len(timings)} earlier run{'s' if len(timings) != 1 else ''} of this model "
@@ -210,10 +245,16 @@ def estimate(model_dir: str | os.PathLike, steps: int, batch_size: int, eval_eve
     return Estimate(steps * per_step + eval_total, basis)
 
 
+MEASURE_EVAL_LIMIT = 100
+"""Most examples per split the timing run of :func:`measure` scores in an evaluation."""
+
+
 def measure(model: str, device: str, batch_size: int, folder: str | os.PathLike,
-            steps: int = 5, timeout: float = 600.0) -> Path:
+            steps: int = 5, timeout: float = 600.0, eval_limit: int = MEASURE_EVAL_LIMIT
+            ) -> Path:
     """Time a few steps of the model (a short run of the runner itself, into ``folder``), so
-    that :func:`estimate` has a run to go by. Returns the timing run's folder; a runner that
+    that :func:`estimate` has a run to go by: ``steps`` steps and two evaluations of
+    ``eval_limit`` examples per split (at most :data:`MEASURE_EVAL_LIMIT`). Returns the timing run's folder; a runner that
     fails raises ``UserError`` with its error line."""
     import subprocess
     import sys
@@ -225,8 +266,10 @@ def measure(model: str, device: str, batch_size: int, folder: str | os.PathLike,
     run_dir.rmdir()  # the runner makes it (it refuses a folder that exists and is not empty)
     cmd = [sys.executable, "-m", "spider.train", "--output-dir", str(run_dir), "--model",
            str(model), "--device", device, "--batch-size", str(batch_size), "--steps",
-           str(steps), "--eval-every", str(steps), "--eval-limit", "5", "--save-every",
-           str(steps * 10), "--log-every", str(steps), "--train-size", str(batch_size * steps)]
+           str(steps), "--eval-every", str(steps), "--eval-limit",
+           str(max(1, min(eval_limit, MEASURE_EVAL_LIMIT))),
+           "--save-every", str(steps * 10), "--log-every", str(steps), "--train-size",
+           str(batch_size * steps)]
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, timeout=timeout, check=False)
     if done.returncode != 0:

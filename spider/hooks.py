@@ -10,6 +10,7 @@ shard the others need); process 0 alone writes.
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import sys
@@ -39,6 +40,8 @@ DRIFT_SPLIT = "upstream"  # the split whose answers the drift metrics describe
 # prompt full of image tokens costs nearly a generation, and 32 keep drift <= 15 % of an
 # evaluation's time (the answer forms are read off every evaluated answer, for free)
 DRIFT_KL_EXAMPLES = 32
+PROGRESS_INTERVAL_S = 0.5
+"""Least seconds between two progress writes to run.json (every step when steps are slower)."""
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -144,7 +147,8 @@ class Evaluator(LoopHooks):
             self.dist.barrier()
             return {}
         t0 = time.perf_counter()
-        self.info.update_progress(evaluating=True, eval_step=step)
+        # the step evaluated has been trained: the progress says so while it is scored
+        self.info.update_progress(evaluating=True, eval_step=step, step=step)
         model = self.method.model
         model.eval()
         if self.dist.mode == "fsdp":
@@ -340,19 +344,24 @@ def _like_param(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 class ProgressReporter(LoopHooks):
-    """The progress line on stderr and ``progress`` in run.json, every ``every`` steps.
+    """``progress`` in run.json after every step (at most every :data:`PROGRESS_INTERVAL_S`
+    seconds: a fast run rewrites one small file twice a second, not at every step), and the
+    progress line on stderr every ``every`` steps. The Train page shows the step it reads
+    there, so it follows the step trained, not the last logged one.
 
     Rates are measured on training time: wall time since the start minus the evaluations'
     time, so the ETA (of the training left) does not jump after each evaluation.
     """
 
     def __init__(self, every: int, steps: int, start_step: int, info: RunInfoWriter,
-                 evaluator: Evaluator, dist: Dist):
+                 evaluator: Evaluator, dist: Dist, interval: float | None = None):
         self.every, self.steps, self.info, self.evaluator, self.dist = (
             every, steps, info, evaluator, dist)
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
         self.start_step = self.step = start_step
         self.started = time.perf_counter()
         self.eval_seconds_before = 0.0
+        self.written = -math.inf  # perf_counter() of the last progress write
 
     def start(self) -> None:
         """Start the clock (after the step-0 evaluation)."""
@@ -361,19 +370,21 @@ class ProgressReporter(LoopHooks):
 
     def after_step(self, step: int, record: dict) -> None:
         self.step = step
-        if step % self.every and step != self.steps:
+        now = time.perf_counter()
+        logged = step % self.every == 0 or step == self.steps
+        if not logged and now - self.written < self.interval:
             return
-        elapsed = (time.perf_counter() - self.started
-                   - (self.evaluator.seconds - self.eval_seconds_before))
+        elapsed = now - self.started - (self.evaluator.seconds - self.eval_seconds_before)
         done = step - self.start_step
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.steps - step) / rate if rate > 0 else None
-        if self.dist.is_main:
+        if logged and self.dist.is_main:
             eta_text = f"{eta:.0f}s" if eta is not None else "?"
             print(f"step {step}/{self.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
                   f"  {rate:.2f} it/s  ETA {eta_text}", file=sys.stderr)
         self.info.update_progress(step=step, steps=self.steps, loss=record["loss"],
                                   it_per_s=rate, eta_s=eta)
+        self.written = time.perf_counter()
 
 
 class StepsDone(LoopHooks):

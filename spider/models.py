@@ -429,6 +429,20 @@ def _check_model_files(path: Path) -> None:
 # What trains
 
 
+def is_trained(info, parts: Iterable[str], first_trained_layer: int | None = None) -> bool:
+    """Whether a parameter (``parse_param_name``'s ``info``) trains under ``parts`` (the
+    ``--train`` parts), its language-model layers narrowed to ``first_trained_layer`` on: the
+    rule of :func:`select_trainable`, without a model (the analysis applies it to the names
+    in a base model's file header)."""
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    train = info.component in parts or (
+        info.component == "llm" and info.layer is not None
+        and any(info.module in LLM_SUBSETS[part] for part in parts if part in LLM_SUBSETS))
+    if train and info.component == "llm" and first_trained_layer is not None:
+        train = info.layer is not None and info.layer >= first_trained_layer
+    return train
+
+
 def select_trainable(
     model: torch.nn.Module,
     parts: Iterable[str] = ("llm", "projector"),
@@ -477,11 +491,7 @@ def select_trainable(
     summary = {c: {"trainable": 0, "frozen": 0} for c in (*COMPONENTS, "total")}
     for name, param in named:
         info = parsed[name]
-        train = info.component in parts or (
-            info.component == "llm" and info.layer is not None
-            and any(info.module in LLM_SUBSETS[part] for part in parts if part in LLM_SUBSETS))
-        if train and info.component == "llm" and first_trained_layer is not None:
-            train = info.layer is not None and info.layer >= first_trained_layer
+        train = is_trained(info, parts, first_trained_layer)
         param.requires_grad_(train)
         key = "trainable" if train else "frozen"
         summary[info.component][key] += param.numel()

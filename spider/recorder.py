@@ -131,7 +131,12 @@ class RunRecorder:
         """``run.json`` of a run resumed at ``step``: running again, in this process."""
         self.info.info = {k: v for k, v in self.run.read_run().items()
                           if k not in ("error", "ended", LISTING_KEY)}
-        self.info.update(status=RUNNING, **process_record(), resumed_at_step=step)
+        # the progress restarts from the step the saved state holds (the cancelled run's
+        # step may be later: the steps after its last checkpoint are trained again)
+        progress = {**(self.info.info.get("progress") or {}), "step": step,
+                    "evaluating": False, "eval_step": None}
+        self.info.update(status=RUNNING, **process_record(), resumed_at_step=step,
+                         progress=progress)
 
     def done(self, step: int | None = None) -> dict:
         """Status ``done``, the end time, the summary (when the log has the scores) and the

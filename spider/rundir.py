@@ -1122,28 +1122,58 @@ def iter_group(path: str | Path, group: str, names: Iterable[str] | None = None
 
 
 # ------------------------------------------------------------------------- model references
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The project's folder: a base model inside it (the bundled one) is named relative to it."""
+
+
 def model_reference(model_dir: str | Path, run_dir: str | Path) -> dict:
-    """How run.json names its base model: absolute, and relative to the run folder so a run
-    copied together with its base model (the bundled samples) still finds it."""
+    """How run.json names its base model: absolute (``path``), relative to the run folder
+    (``relative``: a run copied together with its base model still finds it) and, for a model
+    inside the project, relative to the project (``repo``: a fresh clone or a moved checkout
+    finds it, wherever the run is). Readers try them in that order (:func:`model_candidates`)."""
     model_dir = Path(model_dir).resolve()
-    return {"path": str(model_dir),
-            "relative": os.path.relpath(model_dir, Path(run_dir).resolve())}
+    ref = {"path": str(model_dir),
+           "relative": os.path.relpath(model_dir, Path(run_dir).resolve())}
+    if model_dir.is_relative_to(REPO_ROOT):
+        ref["repo"] = model_dir.relative_to(REPO_ROOT).as_posix()
+    return ref
+
+
+def model_candidates(ref: Mapping, run_dir: str | Path) -> list[Path]:
+    """Where run.json's model reference ``ref`` may be, in the order to try: relative to the
+    run, relative to the project, the absolute path (runs made before ``repo`` existed, or on
+    another machine, have only some of them)."""
+    candidates = []
+    if isinstance(ref.get("relative"), str) and ref["relative"]:
+        candidates.append((Path(run_dir) / ref["relative"]).resolve())
+    if isinstance(ref.get("repo"), str) and ref["repo"]:
+        candidates.append((REPO_ROOT / ref["repo"]).resolve())
+    if isinstance(ref.get("path"), str) and ref["path"]:
+        candidates.append(Path(ref["path"]))
+    return list(dict.fromkeys(candidates))
+
+
+def resolve_model_reference(ref: object, run_dir: str | Path) -> Path | None:
+    """The base model folder run.json's ``model`` entry names (the first candidate holding a
+    ``config.json``), or None when it is nowhere to be found or the entry is not one."""
+    if not isinstance(ref, Mapping):
+        return None
+    for candidate in model_candidates(ref, run_dir):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
 
 
 def base_model_dir(run: RunDir) -> Path:
     """The base model directory a run was trained from (see :func:`model_reference`)."""
     info = run.read_run()
     ref = info.get("model")
-    if not isinstance(ref, dict) or not ("path" in ref or "relative" in ref):
+    if not isinstance(ref, dict) or not ("path" in ref or "relative" in ref or "repo" in ref):
         raise UserError(f"{run.run_file} does not name the run's base model ('model' entry)")
-    candidates = []
-    if ref.get("relative"):
-        candidates.append((run.path / ref["relative"]).resolve())
-    if ref.get("path"):
-        candidates.append(Path(ref["path"]))
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate
+    candidates = model_candidates(ref, run.path)
+    found = resolve_model_reference(ref, run.path)
+    if found is not None:
+        return found
     raise UserError(f"the base model of run {run.path} is not at "
                     f"{' or '.join(str(c) for c in candidates)}; restore it there to load "
                     "this run's checkpoints")

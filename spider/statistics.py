@@ -23,6 +23,8 @@ API::
     S.heatmap_values()             # the statistics a layer x step heatmap can show
     S.reported_by("importance_pre_mean", "full")   # False
     S.is_percent(name), S.colorscale(name), S.value_range(name)
+    S.value_range("importance_pre_mean", "dowser")   # None: Dowser's score is no 0–1 rank
+    S.format_value("importance_pre_mean", 3e-7, "dowser")   # "3e-07", not "0.0000"
 
 Fields of :class:`Statistic`:
 
@@ -37,6 +39,10 @@ Fields of :class:`Statistic`:
   ``MethodBase.has_masks``) or a tuple of method names.
 * ``range``: the absolute range of the value, where it has one (shares: 0–1), for a fixed
   colour scale or axis.
+* ``method_ranges`` / ``method_formats``: ``((method, range-or-None), ...)`` and
+  ``((method, fmt), ...)``, where a method fills the column with a quantity of another scale
+  (Dowser's score as the pre-training importance: unbounded, often tiny). Ask through
+  :func:`value_range`, :func:`fmt` and :func:`format_value` with the run's method.
 * ``heatmap``: offered as a layer x step heatmap (Layers page, live Train view).
 
 Adding a statistic: one entry here; a method fills it in ``statistics()`` (``source ==
@@ -69,12 +75,22 @@ class Statistic:
     description: str = ""
     range: tuple[float, float] | None = None
     heatmap: bool = False
+    method_ranges: tuple[tuple[str, tuple[float, float] | None], ...] = ()
+    method_formats: tuple[tuple[str, str], ...] = ()
 
     @property
     def percent(self) -> bool:
         return self.fmt.endswith("%")
 
-    def format(self, value: float | None) -> str:
+    def range_for(self, method: str | None = None) -> tuple[float, float] | None:
+        """The absolute range of the value ``method`` fills in (None: it has none)."""
+        return dict(self.method_ranges).get(method, self.range) if method else self.range
+
+    def fmt_for(self, method: str | None = None) -> str:
+        """The format of the value ``method`` fills in."""
+        return dict(self.method_formats).get(method, self.fmt) if method else self.fmt
+
+    def format(self, value: float | None, method: str | None = None) -> str:
         """``value`` as a person reads it ("43.2%", "0.0123"); "–" for NaN or None."""
         if value is None:
             return "–"
@@ -84,10 +100,13 @@ class Statistic:
             return str(value)
         if math.isnan(value):
             return "–"
-        return format(value, self.fmt)
+        return format(value, self.fmt_for(method))
 
 
 _SHARE = (0.0, 1.0)
+# Dowser fills the pre-training importance with its own score (psi·|W|·a): no 0–1 rank but
+# an unbounded, often tiny, non-negative number
+_DOWSER_SCORE = {"method_ranges": (("dowser", None),), "method_formats": (("dowser", ".4g"),)}
 
 _ALL = (
     Statistic("mask_mean", "mean keep-weight w", ".4f", "weight", "mean", "sequential",
@@ -97,8 +116,9 @@ _ALL = (
               "mean", "sequential", "masked", range=_SHARE, heatmap=True,
               description="Fraction of the tensor's entries whose keep-weight w is above 0."),
     Statistic("importance_pre_mean", "mean pre-training importance I", ".4f", "rank",
-              "mean", "sequential", ("spider", "dowser"), range=_SHARE,
-              description="Mean of I = rank(theta0) (Dowser: its own score at theta0)."),
+              "mean", "sequential", ("spider", "dowser"), range=_SHARE, **_DOWSER_SCORE,
+              description="Mean of I = rank(theta0) (Dowser: its own score at theta0, "
+                          "not a 0–1 rank)."),
     Statistic("importance_ft_mean", "mean fine-tuning importance G", ".4f", "rank",
               "mean", "sequential", ("spider",), range=_SHARE,
               description="Mean of G = rank(S), S the accumulated gradient."),
@@ -108,7 +128,7 @@ _ALL = (
     # second moments, so that the correlation of I and G pools exactly over any group:
     # corr = (IG - I*G) / sqrt((II - I^2)(GG - G^2))
     Statistic("importance_pre_sq_mean", "mean of I²", ".4f", "rank²", "mean", "sequential",
-              ("spider", "dowser"), range=_SHARE),
+              ("spider", "dowser"), range=_SHARE, **_DOWSER_SCORE),
     Statistic("importance_ft_sq_mean", "mean of G²", ".4f", "rank²", "mean", "sequential",
               ("spider",), range=_SHARE),
     Statistic("importance_cross_mean", "mean of I·G", ".4f", "rank²", "mean", "sequential",
@@ -172,23 +192,25 @@ def label(name: str) -> str:
     return stat.label if stat else name
 
 
-def format_value(name: str, value: float | None) -> str:
-    """``value`` of statistic ``name`` formatted for a person; ``.4g`` for unknown names."""
+def format_value(name: str, value: float | None, method: str | None = None) -> str:
+    """``value`` of statistic ``name`` (as ``method`` fills it, where given) formatted for a
+    person; ``.4g`` for unknown names."""
     stat = STATISTICS.get(name)
     if stat is None:
         return "–" if value is None or value != value else format(float(value), ".4g")
-    return stat.format(value)
+    return stat.format(value, method)
 
 
-def fmt(name: str) -> str:
-    """The d3 format of ``name`` (``.4g`` for a column that is no statistic)."""
+def fmt(name: str, method: str | None = None) -> str:
+    """The d3 format of ``name`` as ``method`` fills it (``.4g`` for a column that is no
+    statistic)."""
     stat = STATISTICS.get(name)
-    return stat.fmt if stat else ".4g"
+    return stat.fmt_for(method) if stat else ".4g"
 
 
-def is_percent(name: str) -> bool:
+def is_percent(name: str, method: str | None = None) -> bool:
     stat = STATISTICS.get(name)
-    return bool(stat and stat.percent)
+    return bool(stat and stat.fmt_for(method).endswith("%"))
 
 
 def colorscale(name: str) -> ColorScale:
@@ -196,10 +218,11 @@ def colorscale(name: str) -> ColorScale:
     return stat.colorscale if stat else "sequential"
 
 
-def value_range(name: str) -> tuple[float, float] | None:
-    """The absolute range of ``name`` where it has one (shares: (0, 1))."""
+def value_range(name: str, method: str | None = None) -> tuple[float, float] | None:
+    """The absolute range of ``name`` where it has one (shares: (0, 1)); with ``method``,
+    the range of the value that method fills in (Dowser's importance: None)."""
     stat = STATISTICS.get(name)
-    return stat.range if stat else None
+    return stat.range_for(method) if stat else None
 
 
 _HEATMAP_FIRST = ("mask_density", "mask_mean")

@@ -10,7 +10,8 @@ draw with the same functions, so the same thing looks the same in both.
 * :mod:`~analysis.figures.layers` — bars per layer at one step;
 * :mod:`~analysis.figures.tensors` — one tensor's I, G, w, Δ panels, histograms, what-if;
 * :mod:`~analysis.figures.learn` — the Learn page's worked example.
-* :mod:`~analysis.figures.attribution` — why a run forgot: reverting groups, output drift.
+* :mod:`~analysis.figures.attribution` — why a run forgot: reverting groups, output drift,
+  forgetting F against kl_to_base across runs.
 
 Labels, formats and colour scales of statistics come from :mod:`spider.statistics`. Names are
 importable from this package (``from analysis.figures import tradeoff_plane``); each module is
@@ -30,9 +31,11 @@ _WHERE = {
                  "cells_heatmap"),
     "layers": ("layer_bars",),
     "tensors": ("panel_cells", "panel_block", "cell_words", "tensor_panels",
-                "value_histograms", "mask_change"),
+                "value_histograms", "mask_change", "mask_flip_map", "region_panels",
+                "REGION_FULL"),
     "learn": ("Panel", "matrix_grid", "example_history", "tie_scatter"),
-    "attribution": ("DRIFT_METRICS", "attribution_bars", "drift_curves"),
+    "attribution": ("DRIFT_METRICS", "attribution_bars", "drift_curves",
+                    "forgetting_drift_table", "forgetting_vs_drift"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 

@@ -88,3 +88,60 @@ def drift_curves(metrics: pd.DataFrame, colors: Mapping[str, str] | None = None)
                       legend={"orientation": "h", "y": -0.25},
                       margin={"l": 10, "r": 10, "t": 70, "b": 40})
     return fig
+
+
+FORGETTING_DRIFT_COLUMNS = ("run", "method", "step", "F", "kl_to_base")
+
+
+def forgetting_drift_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per run: its forgetting F (:func:`analysis.stats.summary_table`, the upstream change
+    since step 0) and its ``kl_to_base`` at its last evaluated step (the step of F where
+    both were logged there, else the last step that logged ``kl_to_base``). Runs without
+    ``kl_to_base`` or without F are left out. Columns :data:`FORGETTING_DRIFT_COLUMNS`."""
+    from analysis import stats
+
+    stats.require_columns(metrics, stats.METRICS_COLUMNS, "metrics DataFrame")
+    kl = metrics[(metrics["split"] == "upstream") & (metrics["metric"] == "kl_to_base")]
+    kl = kl.dropna(subset=["value"]).drop_duplicates(["run", "step"], keep="last")
+    if kl.empty:
+        return pd.DataFrame(columns=list(FORGETTING_DRIFT_COLUMNS))
+    summary = stats.summary_table(metrics).dropna(subset=["F"])
+    rows = []
+    for r in summary.itertuples():
+        mine = kl[kl["run"] == r.run].sort_values("step")
+        if mine.empty:
+            continue
+        at = mine[mine["step"] == r.step] if not pd.isna(r.step) else mine.iloc[0:0]
+        last = at.iloc[-1] if len(at) else mine.iloc[-1]
+        rows.append({"run": r.run, "method": r.method, "step": int(last["step"]),
+                     "F": float(r.F), "kl_to_base": float(last["value"])})
+    return pd.DataFrame(rows, columns=list(FORGETTING_DRIFT_COLUMNS))
+
+
+def forgetting_vs_drift(table: pd.DataFrame, colors: Mapping[str, str] | None = None
+                        ) -> go.Figure:
+    """One point per run: ``kl_to_base`` (x) against forgetting F (y), both at the run's last
+    evaluation (input :func:`forgetting_drift_table`). Runs low and to the right drifted
+    far and forgot much; a run far right but near F = 0 moved its answers without losing
+    the old task."""
+    title = "Forgetting F against output drift kl_to_base (last evaluation of each run)"
+    if table.empty:
+        return _empty(title, "None of the chosen runs logged kl_to_base.")
+    fig = go.Figure()
+    for r in table.itertuples():
+        fig.add_trace(go.Scatter(
+            x=[float(r.kl_to_base)], y=[float(r.F)], mode="markers+text", name=str(r.run),
+            text=[str(r.run)], textposition="top center",
+            marker={"size": 12, "color": _color(colors, r.run),
+                    "symbol": method_symbol(str(r.method)),
+                    "line": {"color": "white", "width": 1}},
+            customdata=[[int(r.step), str(r.method)]],
+            hovertemplate=(f"<b>{html.escape(str(r.run))}</b> (%{{customdata[1]}})<br>"
+                           "kl_to_base %{x:.4f}<br>F %{y:+.3f}<br>step %{customdata[0]}"
+                           "<extra></extra>")))
+    fig.add_hline(y=0, line_color="#888", line_width=1, line_dash="dot")
+    fig.update_layout(title=title, height=420, showlegend=False,
+                      xaxis_title="kl_to_base: KL(base ‖ tuned) of the upstream answers",
+                      yaxis_title="F = U − U at step 0 (negative = forgotten)",
+                      margin={"l": 10, "r": 10, "t": 60, "b": 40})
+    return fig

@@ -22,21 +22,23 @@ HEATMAP_SCALES = ("absolute", "shared", "fitted")
 """Colour ranges of a layer x step heatmap (:func:`heatmap_range`)."""
 
 
-def heatmap_range(value: str, values, scale: str = "absolute") -> tuple[float, float]:
+def heatmap_range(value: str, values, scale: str = "absolute",
+                  method: str | None = None) -> tuple[float, float]:
     """The colour range of statistic ``value`` over ``values``.
 
     ``absolute``: the statistic's whole range where it has one (shares: 0–1, so 50 % and
     56 % look nearly alike, as they are), else from 0 to the largest value. ``shared`` /
     ``fitted``: from the smallest to the largest of ``values`` (the caller passes every
     run's values for shared, one run's for fitted). A signed statistic (diverging colour
-    scale, e.g. mean G − I) is always centred on 0: ±max|x|.
+    scale, e.g. mean G − I) is always centred on 0: ±max|x|. ``method``: the run's, where a
+    method fills the statistic on another scale (:func:`spider.statistics.value_range`).
     """
     if scale not in HEATMAP_SCALES:
         raise ValueError(f"scale must be one of {HEATMAP_SCALES}, got {scale!r}")
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     diverging = statistics.colorscale(value) == "diverging"
-    known = statistics.value_range(value)
+    known = statistics.value_range(value, method)
     if diverging:
         bound = float(np.abs(x).max()) if x.size else 1.0
         if scale == "absolute" and known is not None:
@@ -51,23 +53,25 @@ def heatmap_range(value: str, values, scale: str = "absolute") -> tuple[float, f
     return explore.fitted_range(x)
 
 
-def range_words(value: str, zrange: tuple[float, float], scale: str) -> str:
+def range_words(value: str, zrange: tuple[float, float], scale: str,
+                method: str | None = None) -> str:
     """The colour range in words, for beside the chart: what the darkest and brightest
     colours stand for, and a warning where a fitted range magnifies small differences."""
-    lo, hi = (statistics.format_value(value, v) for v in zrange)
+    lo, hi = (statistics.format_value(value, v, method) for v in zrange)
     if statistics.colorscale(value) == "diverging":
         text = f"Blue {lo} · white 0 · red {hi}"
     else:
         text = f"Dark purple {lo} → yellow {hi}"
-    known = statistics.value_range(value)
+    known = statistics.value_range(value, method)
     if scale == "absolute":
         return text + (" (the whole possible range)." if known else
                        " (0 to the largest value).")
     words = "the values of the runs shown" if scale == "shared" else "this run's values"
     warn = ""
     if known and (zrange[1] - zrange[0]) < 0.5 * (known[1] - known[0]):
-        warn = (f" — only part of the possible {statistics.format_value(value, known[0])}–"
-                f"{statistics.format_value(value, known[1])}: small differences look large")
+        warn = (f" — only part of the possible {statistics.format_value(value, known[0], method)}"
+                f"–{statistics.format_value(value, known[1], method)}: small differences look "
+                "large")
     return text + f", fitted to {words}{warn}."
 
 
@@ -79,20 +83,30 @@ def _reports(value: str, method: str) -> bool:
         return True
 
 
+FROZEN_COLOR = "#c8c8c8"
+"""The grey of a frozen layer's cells: not trained in the run, so no statistic to show."""
+
+
 def layer_step_heatmap(matrix: pd.DataFrame, value: str, zrange: tuple[float, float],
-                       step: int | None = None, title: str | None = None) -> go.Figure:
+                       step: int | None = None, title: str | None = None,
+                       train: str | None = None) -> go.Figure:
     """Layers (rows, model order, top = first) x logged steps (columns) of one run.
 
     Input: :func:`analysis.explore.layer_step_matrix` of one run. ``zrange`` is the colour
     range (:func:`heatmap_range`); a vertical line marks ``step``. The colour scale follows
     the statistic (:func:`spider.statistics.colorscale`): sequential (Viridis) for shares
-    and sizes, diverging (blue–white–red, white at 0) for signed values.
+    and sizes, diverging (blue–white–red, white at 0) for signed values. Rows the matrix
+    marks ``frozen`` (layers the run did not train, ``layer_step_matrix(..., frozen=)``) are
+    grey cells whose hover says so, citing ``train`` (the run's ``--train`` setting).
     """
     stats.require_columns(matrix, ("run", "name", "order", "step", value), "layer matrix")
     runs = list(pd.unique(matrix["run"]))
     label = statistics.label(value)
     title = title or f"{label} per layer and step"
-    if matrix.empty or matrix[value].isna().all():
+    frozen_rows = (set(matrix.loc[matrix["frozen"].astype(bool), "name"])
+                   if "frozen" in matrix.columns and len(matrix) else set())
+    method_name = str(matrix["method"].iloc[0]) if "method" in matrix and len(matrix) else None
+    if matrix.empty or (matrix[value].isna().all() and not frozen_rows):
         method = str(matrix["method"].iloc[0]) if len(matrix) else ""
         reason = "nothing logged for this run"
         if method and not _reports(value, method):
@@ -106,8 +120,8 @@ def layer_step_heatmap(matrix: pd.DataFrame, value: str, zrange: tuple[float, fl
     steps = np.sort(pd.unique(matrix["step"]))
     z = matrix.pivot(index="name", columns="step", values=value).reindex(index=names,
                                                                          columns=steps)
-    percent = statistics.is_percent(value)
-    fmt = statistics.fmt(value)
+    percent = statistics.is_percent(value, method_name)
+    fmt = statistics.fmt(value, method_name)
     diverging = statistics.colorscale(value) == "diverging"
     zmin, zmax = zrange
     if diverging:  # white is 0, whatever range was asked for
@@ -120,6 +134,14 @@ def layer_step_heatmap(matrix: pd.DataFrame, value: str, zrange: tuple[float, fl
         hovertemplate=f"%{{y}}<br>step %{{x}}<br>{html.escape(label)}: %{{z:{fmt}}}"
                       "<extra></extra>",
     ))
+    if frozen_rows:  # a grey cell per step of each frozen layer, over the (NaN) values
+        why = html.escape(f"frozen: not trained in this run ({train or 'its --train setting'})")
+        grey = np.where(np.isin(np.asarray(names), list(frozen_rows))[:, None],
+                        np.ones(z.shape, np.float32), np.nan)
+        fig.add_trace(go.Heatmap(
+            x=steps, y=names, z=grey, zmin=0, zmax=1, showscale=False, name="frozen",
+            colorscale=[[0, FROZEN_COLOR], [1, FROZEN_COLOR]],
+            hovertemplate=f"%{{y}}<br>step %{{x}}<br>{why}<extra></extra>"))
     if step is not None:
         fig.layout.shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": step,
                               "x1": step, "y0": 0, "y1": 1,
@@ -131,10 +153,11 @@ def layer_step_heatmap(matrix: pd.DataFrame, value: str, zrange: tuple[float, fl
     fig.update_xaxes(**axis, tickangle=0)
     finite = z.to_numpy(float)
     finite = finite[np.isfinite(finite)]
-    note = (f"colour range {statistics.format_value(value, zmin)} – "
-            f"{statistics.format_value(value, zmax)}")
+    note = (f"colour range {statistics.format_value(value, zmin, method_name)} – "
+            f"{statistics.format_value(value, zmax, method_name)}")
     if finite.size and finite.max() - finite.min() < 1e-9:
-        note = f"every value is {statistics.format_value(value, float(finite.max()))}"
+        note = ("every value is "
+                f"{statistics.format_value(value, float(finite.max()), method_name)}")
         fig.data[0].colorbar.tickvals = [float(finite.max())]  # one value, one tick
     fig.update_layout(
         title=title + f"<br><sup>{note}</sup>",

@@ -24,6 +24,8 @@ def layer_bars(table: pd.DataFrame, values: Sequence[str], titles: Sequence[str]
     """
     stats.require_columns(table, ("run", "step", "component", "name", *values), "layer table")
     titles = list(titles or [statistics.label(v) for v in values])
+    # the run's method, where a method fills a statistic on its own scale (Dowser's score)
+    method = str(table["method"].iloc[0]) if "method" in table and len(table) else None
     if table.empty:
         return _empty(", ".join(titles), "No layer statistics at this step.")
     names = table["name"].tolist()
@@ -54,7 +56,8 @@ def layer_bars(table: pd.DataFrame, values: Sequence[str], titles: Sequence[str]
                 marker_color=COMPONENT_COLORS.get(component, "#333333"),
                 customdata=part["numel"].to_numpy(float),
                 hovertemplate=(f"%{{y}}<br>{html.escape(statistics.label(value))}: "
-                               f"%{{x:{statistics.fmt(value)}}}<br>%{{customdata:,.0f}} weights"
+                               f"%{{x:{statistics.fmt(value, method)}}}<br>"
+                               "%{customdata:,.0f} weights"
                                "<extra></extra>"),
             ))
             shown.add(label)
@@ -64,7 +67,7 @@ def layer_bars(table: pd.DataFrame, values: Sequence[str], titles: Sequence[str]
         xaxis = layout[_axis_name("x", row)]
         if yrange and value in yrange:
             xaxis["range"] = list(yrange[value])
-        if statistics.is_percent(value):
+        if statistics.is_percent(value, method):
             xaxis["tickformat"] = ".0%"
         layout[_axis_name("y", row)].update(type="category", categoryorder="array",
                                             categoryarray=names[::-1])

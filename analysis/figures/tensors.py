@@ -1,5 +1,6 @@
 """One parameter tensor up close: I, G, the mask w and the update Δ side by side as heatmaps,
-value histograms, and where a what-if mask differs from the trained one.
+value histograms, where a what-if mask differs from the trained one, where the mask side
+flipped between two checkpoints, and a region of the tensor at full resolution.
 
 Pure functions (tensors in, ``go.Figure`` out). A tensor is drawn weight by weight when it
 fits the figure budget, else pooled by :func:`analysis.heatmaps.downsample` by the smallest
@@ -263,5 +264,97 @@ def mask_change(mask: torch.Tensor, mask_alt: torch.Tensor, param: str, what_if:
         title=(f"w under {html.escape(what_if)} minus w as trained — {rows}×{cols}"
                + (f", each cell pools {fr}×{fc} weights" if fr * fc > 1 else "")),
         height=420, margin={"t": 60, "b": 40, "l": 60, "r": 10},
+    )
+    return fig
+
+
+def mask_flip_map(flips: torch.Tensor, param: str, step_a: int, step_b: int,
+                  max_cells: int | tuple[int, int] | None = None) -> go.Figure:
+    """Where the mask side changed between two checkpoints (``analysis.tensors.mask_flips``:
+    +1 pinned → free, −1 free → pinned, 0 same side), drawn entry by entry when the tensor
+    fits the figure budget (:func:`panel_cells`; or ``max_cells`` per axis), else pooled by
+    block mean (the net share that flipped: red freed, blue pinned)."""
+    flips = as_2d(torch.as_tensor(flips).float())
+    cells = max_cells or panel_cells(1, shape=tuple(flips.shape))
+    pooled = downsample(flips, max_cells=cells, reduce="mean")
+    fr, fc = pooled.block
+    one = fr * fc == 1
+    what = ("+1 pinned → free, −1 free → pinned: %{z:.0f}" if one else
+            f"pooled cell ({fr}×{fc} weights), net share flipped (freed − pinned): %{{z:.3f}}")
+    where = "row %{y}, col %{x}" if one else "rows %{y}, cols %{x}"
+    fig = go.Figure(go.Heatmap(
+        z=pooled.values, x=pooled.col_labels(), y=pooled.row_labels(), colorscale="RdBu_r",
+        zmin=-1, zmax=1, colorbar={"title": {"text": "flip", "side": "top"}},
+        hovertemplate=f"<b>{html.escape(param)}</b><br>{where}<br>{what}<extra></extra>",
+    ))
+    rows, cols = pooled.shape
+    fig.update_yaxes(type="category", autorange="reversed", nticks=10,
+                     title_text="row (output dim)")
+    fig.update_xaxes(type="category", nticks=6, title_text="column (input dim)")
+    fig.update_layout(
+        title=(f"Mask flips from step {int(step_a)} to step {int(step_b)} — {rows}×{cols}"
+               + (f", each cell pools {fr}×{fc} weights" if not one else "")),
+        height=420, margin={"t": 60, "b": 40, "l": 60, "r": 10},
+    )
+    return fig
+
+
+REGION_FULL = 256
+"""A region of at most this many rows and columns is drawn entry by entry, never pooled."""
+
+
+def region_panels(views: Mapping[str, torch.Tensor], param: str, rows: tuple[int, int],
+                  cols: tuple[int, int], max_cells: int = REGION_FULL) -> go.Figure:
+    """Rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` of every view (a kind, as in
+    :func:`tensor_panels`), side by side. Within ``max_cells`` per axis each cell is one
+    weight, and hover gives its row, column (of the whole tensor) and its exact float32
+    value; a larger region is pooled as :func:`tensor_panels` pools."""
+    if not views:
+        raise ValueError("region_panels needs at least one view")
+    (r0, r1), (c0, c1) = rows, cols
+    parts = {name: as_2d(t)[r0:r1, c0:c1] for name, t in views.items()}
+    n = len(parts)
+    pooled = {name: _pool_panel(name, part, max_cells) for name, part in parts.items()}
+    first = next(iter(pooled.values()))[2]
+    fr, fc = first.block
+    one = fr * fc == 1
+    if one:
+        x, y = list(range(c0, c1)), list(range(r0, r1))
+    else:
+        x = [f"{a + c0}–{b - 1 + c0}" for a, b in zip(first.col_edges[:-1], first.col_edges[1:])]
+        y = [f"{a + r0}–{b - 1 + r0}" for a, b in zip(first.row_edges[:-1], first.row_edges[1:])]
+    fig = make_subplots(rows=1, cols=n, shared_yaxes=True,
+                        horizontal_spacing=0.02 if n > 1 else 0.0,
+                        subplot_titles=[html.escape(label) for _, label, _ in pooled.values()])
+    safe_param = html.escape(param)
+    for col, (name, (kind, label, cell)) in enumerate(pooled.items(), start=1):
+        colorscale = _KIND_STYLE[kind][0]
+        if kind == "update":
+            finite = np.abs(cell.values[np.isfinite(cell.values)])
+            bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+            zmin, zmax = -bound, bound
+        else:
+            zmin, zmax = 0.0, 1.0
+        domain = fig.layout[f"xaxis{col if col > 1 else ''}"].domain
+        fig.add_trace(go.Heatmap(
+            z=cell.values.astype(np.float32), x=x, y=y, name=name, colorscale=colorscale,
+            zmin=zmin, zmax=zmax,
+            colorbar={"orientation": "h", "x": (domain[0] + domain[1]) / 2,
+                      "xanchor": "center", "len": (domain[1] - domain[0]) * 0.9, "y": -0.25,
+                      "yanchor": "top", "thickness": 12,
+                      "title": {"text": html.escape(label.partition(":")[0]), "side": "top"}},
+            hovertemplate=(f"<b>{safe_param}</b><br>{html.escape(label)}<br>" + (
+                "row %{y}, col %{x}<br>value %{z:.9g}" if one else
+                f"rows %{{y}}, cols %{{x}}<br>pooled cell ({fr}×{fc} weights): %{{z:.4g}}")
+                + "<extra></extra>"),
+        ), row=1, col=col)
+        fig.update_xaxes(matches="x" if col > 1 else None, row=1, col=col,
+                         title_text="column", **({} if one else {"type": "category"}))
+    fig.update_yaxes(autorange="reversed", **({} if one else {"type": "category"}))
+    fig.update_yaxes(title_text="row", row=1, col=1)
+    fig.update_layout(
+        title=(f"{safe_param} — rows {r0}–{r1 - 1}, columns {c0}–{c1 - 1}"
+               + (", one cell per weight" if one else f", each cell pools {fr}×{fc} weights")),
+        height=520, margin={"b": 150, "t": 100},
     )
     return fig

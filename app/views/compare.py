@@ -228,6 +228,36 @@ if tradeoff is not None:
                "moving along one is a trade.")
     st.plotly_chart(tradeoff)
 
+
+# ----------------------------------------------------------------------------- output drift
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _drift_figures(key: tuple):
+    """(drift curves, F against kl_to_base) or None when no charted run logged drift."""
+    from analysis.figures import attribution as drift_fig
+
+    metrics = _frames(key, "metrics")
+    if metrics.empty or not metrics["metric"].isin(drift_fig.DRIFT_METRICS).any():
+        return None
+    run_colors = {k[2]: k[3] for k in key}
+    return (drift_fig.drift_curves(metrics, run_colors),
+            drift_fig.forgetting_vs_drift(drift_fig.forgetting_drift_table(metrics),
+                                          run_colors))
+
+
+st.subheader("Output drift: how the old answers changed")
+drift = _drift_figures(key)
+if drift is None:
+    st.info("The charted runs have no drift metrics (kl_to_base, format and content errors, "
+            "answer-type drift): runs made before these were logged lack them, and a new "
+            "run logs them at every evaluation.")
+else:
+    st.caption("On the upstream questions: kl_to_base is how far the answer distribution "
+               "moved from the base model's; format errors are answers in the wrong form, "
+               "content errors answers of the right form but wrong; answer-type drift is the "
+               "share answered in the downstream task's form. The Learn page explains them.")
+    st.plotly_chart(drift[0])
+    st.plotly_chart(drift[1])
+
 # ----------------------------------------------------------------------------- 2x2 cells
 st.subheader("2×2 generalisation cells")
 cells, cell_figures = _cells(key)

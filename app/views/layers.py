@@ -14,7 +14,7 @@ import textwrap
 import pandas as pd
 import streamlit as st
 
-from analysis import explore
+from analysis import explore, tensors
 from analysis import figures as fig
 from app import common
 from spider import statistics
@@ -40,7 +40,10 @@ with st.expander("What I, G and w mean", expanded=False):
         "is pinned to its pre-trained value elsewhere (w = 0).\n"
         "- **‖Δ‖/‖θ0‖** — how far a layer moved, relative to its size before fine-tuning.\n\n"
         "Methods without a per-weight mask (LoRA) or without importances (full fine-tuning, "
-        "the baselines) show what they have; the rest is marked as not recorded."
+        "the baselines) show what they have; the rest is marked as not recorded.\n\n"
+        "Parts of the model a run did not train (its `--train` setting: e.g. the vision "
+        "encoder, or the MLPs under `--train attn`) are **frozen**: grey rows, never moved "
+        "from the pre-trained weights."
     )
 
 runs = common.list_all_runs()
@@ -96,6 +99,19 @@ except common.UserError as err:
     st.error(str(err))
     st.stop()
 
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _status(path: str, signature: tuple) -> tuple[pd.DataFrame, str]:
+    """(every base-model parameter and whether the run trained it, its --train setting):
+    from run.json and the base model's file header, no tensor read."""
+    del signature
+    run = common.load_run_cached(path)
+    return tensors.parameter_status(run), tensors.train_setting(run)
+
+
+status = {p: _status(p, common.run_signature(p)) for p in paths}
+
 empty = [p for p, f in frames.items() if f.empty]
 for p in empty:
     st.info(f"{label_of[p]} has logged no layer statistics yet (they are written every "
@@ -106,15 +122,20 @@ if not frames:
 
 # ----------------------------------------------------------------------------- controls
 all_rows = pd.concat(frames.values(), ignore_index=True)
+# the frozen parts too (status: the base model's parameters), so that they show as frozen
+every_part = pd.concat([all_rows[["component", "module"]],
+                        *(status[p][0][["component", "module"]] for p in frames)],
+                       ignore_index=True)
 components = [c for c in COMPONENTS
-              if c in set(all_rows["component"])]
-modules = sorted(set(all_rows["module"]), key=explore.module_name)
+              if c in set(every_part["component"])]
+modules = sorted(set(every_part["module"]), key=explore.module_name)
 steps = sorted(int(s) for s in all_rows["step"].unique())
 
 f1, f2 = st.columns(2)
 picked_components = f1.multiselect(
     "Components", components, default=components, format_func=explore.component_name,
-    help="Only the parts of the model that trained have statistics.")
+    help="Only the parts of the model that trained have statistics; the parts a run left "
+         "frozen show as grey rows.")
 picked_modules = f2.multiselect(
     "Modules", modules, default=modules, format_func=explore.module_name,
     help="Pool only these kinds of weights into each layer's numbers.")
@@ -146,8 +167,11 @@ def _views(path: str, signature: tuple, label: str, comps: tuple, mods: tuple,
            value: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(layer table at every logged step, layer x step matrix of ``value``) of one run,
     filtered: the step slider then only picks rows."""
-    frame = explore.filter_layers(_layers(path, signature, label), comps, mods)
-    return explore.layer_table_all_steps(frame), explore.layer_step_matrix(frame, value)
+    whole = _layers(path, signature, label)
+    frame = explore.filter_layers(whole, comps, mods)
+    frozen = explore.frozen_layers(_status(path, signature)[0], comps, mods)
+    return (explore.layer_table_all_steps(frame),
+            explore.layer_step_matrix(frame, value, frozen, steps=whole))
 
 
 filters = (tuple(picked_components), tuple(picked_modules))
@@ -157,7 +181,7 @@ for p in frames:
     views[p] = (explore.table_at_step(every_step, step), matrix)
 matrices = pd.concat([m for _, m in views.values()], ignore_index=True)
 zranges = {p: fig.heatmap_range(heat_value, (m if scale == "fitted" else matrices)[heat_value],
-                                 scale) for p, (_, m) in views.items()}
+                                 scale, method_of[p]) for p, (_, m) in views.items()}
 tables = pd.concat([t for t, _ in views.values()], ignore_index=True)
 # bar axes shared by the runs shown, so that bars of equal length mean equal values
 yrange = {}
@@ -178,7 +202,8 @@ def _heatmap(path: str, signature: tuple, label: str, comps: tuple, mods: tuple,
              zrange: tuple, at: int):
     matrix = _views(path, signature, label, comps, mods, value)[1]
     return fig.layer_step_heatmap(matrix, value, zrange, step=at,
-                                   title=f"{_HEATMAP_VALUES[value]} per layer and step")
+                                   title=f"{_HEATMAP_VALUES[value]} per layer and step",
+                                   train=_status(path, signature)[1])
 
 
 @st.cache_resource(show_spinner=False, max_entries=128)
@@ -223,6 +248,27 @@ def _row(title: str | None = None):
     return dict(zip(views, st.columns(len(views))))
 
 
+def _frozen_words(path: str) -> str:
+    """What the run left frozen, in words, under its heatmap ("" when it trained all shown)."""
+    frozen, train = status[path][0], status[path][1]
+    layers = explore.frozen_layers(frozen, *filters)
+    if layers.empty:
+        return ""
+    whole = layers[layers["all_frozen"]]
+    partly = layers[~layers["all_frozen"]]
+    words = []
+    if len(whole):
+        words.append("Grey rows are frozen — not trained in this run "
+                     f"(`{train}`), so they have no statistics: "
+                     + ", ".join(whole["name"]) + ".")
+    if len(partly):
+        mods = list(dict.fromkeys(m for ms in partly["frozen_modules"] for m in ms.split(", ")))
+        words.append("Frozen in the other layers (their numbers pool the trained tensors "
+                     f"only; `{train}`): " + ", ".join(explore.module_name(m) for m in mods)
+                     + ".")
+    return " ".join(words)
+
+
 steps_at = {path: int(table["step"].iloc[0]) if len(table) else step
             for path, (table, _) in views.items()}
 sigs = {path: common.run_signature(path) for path in views}
@@ -235,7 +281,10 @@ for path, column in _row().items():
                        f"{steps_at[path]}.")
         st.plotly_chart(_heatmap(path, sigs[path], label_of[path], *filters, heat_value,
                                  zranges[path], steps_at[path]))
-        st.caption(fig.range_words(heat_value, zranges[path], scale))
+        st.caption(fig.range_words(heat_value, zranges[path], scale, method_of[path]))
+        frozen_note = _frozen_words(path)
+        if frozen_note:
+            st.caption(frozen_note)
 
 for path, column in _row().items():
     with column:

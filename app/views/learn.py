@@ -219,6 +219,32 @@ for col, (page, label, runs, extra, what) in zip(cols, links):
         st.markdown(what)
         st.caption("runs: " + ", ".join(present) if present else "sample runs not found")
 
+# ------------------------------------------------------------------------------ why it forgot
+st.header("Why a run forgot")
+why_left, why_right = st.columns(2, gap="large")
+with why_left.container(border=True):
+    st.page_link("views/forgetting.py", label="Why it forgot",
+                 icon=":material/arrow_forward:",
+                 query_params={common.QUERY_KEY: ["samples/full"]})
+    st.markdown(
+        "**Reading an attribution.** Each bar is one part of the update (a component, a "
+        "layer or a kind of module) put back to its pre-trained value, the rest kept. "
+        "*U recovered* is the old-task score that comes back: the forgetting that part "
+        "caused. *D lost* is the new-task score that goes with it: what that part learned. "
+        "The part to blame is one with a long green bar and a short red one; parts are "
+        "not additive, since they interact.")
+with why_right.container(border=True):
+    st.page_link("views/compare.py", label="Output drift on Compare",
+                 icon=":material/arrow_forward:",
+                 query_params={common.QUERY_KEY: ["samples/spider", "samples/full"]})
+    st.markdown(
+        "**What the drift measures mean.** On the old task's questions: *kl_to_base* is how "
+        "far the answer distribution moved from the base model's (0: not at all); "
+        "*format errors* are answers in the wrong form (a superficial slip: the knowledge "
+        "may still be there); *content errors* are answers of the right form but wrong "
+        "(the knowledge itself is gone); *answer-type drift* is the share answered in the "
+        "new task's form (the model answers every question like a counting question).")
+
 # ------------------------------------------------------------------------------ other methods
 with st.expander("Other methods in the sample runs: what each does, what it keeps in memory"):
     st.markdown(

@@ -1,5 +1,6 @@
 """Parameters: one weight tensor of one checkpoint up close — I, G, the mask w and the update
-Δ side by side, histograms, statistics, a what-if under another SPIDER option, downloads.
+Δ side by side, histograms, statistics, a what-if under another SPIDER option, a region at
+full resolution, the mask flips between two checkpoints, downloads.
 
 Thin: widgets -> cached calls into ``analysis.tensors`` -> figures -> ``st.plotly_chart``.
 """
@@ -11,7 +12,13 @@ import pandas as pd
 import streamlit as st
 
 from analysis import figures, stats
-from analysis.figures.tensors import mask_change, value_histograms
+from analysis.figures.tensors import (
+    REGION_FULL,
+    mask_change,
+    mask_flip_map,
+    region_panels,
+    value_histograms,
+)
 from analysis.overview import option_value, options_text
 from analysis.tensors import (
     KIND_LABELS,
@@ -19,9 +26,14 @@ from analysis.tensors import (
     available_kinds,
     find_params,
     kept_tensors,
+    mask_flips,
+    region_bounds,
     tensor_statistics,
     tensor_views,
     tensors_npz,
+    tensors_safetensors,
+    updated_entries,
+    updated_entries_csv,
     what_if_mask,
 )
 from app import common
@@ -44,6 +56,17 @@ _KIND_WORDS = {
 def _kept(path: str, signature: tuple, step: int) -> pd.DataFrame:
     del signature  # cache key only
     return kept_tensors(common.load_run_cached(path), step)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _frozen(path: str, signature: tuple) -> tuple[pd.DataFrame, str]:
+    """(the base model's parameters the run did not train, its --train setting): from
+    run.json and the base model's file header, no tensor read."""
+    del signature  # cache key only
+    from analysis.tensors import frozen_tensors, train_setting
+
+    run_ = common.load_run_cached(path)
+    return frozen_tensors(run_), train_setting(run_)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -83,6 +106,26 @@ def _what_if_figure(path: str, signature: tuple, step: int, param: str, mask: st
     what_if = _what_if(path, signature, step, param, mask, normalize)
     label = f"mask={mask}, normalize={option_value(normalize)}"
     return mask_change(what_if.mask, what_if.mask_alt, param, label)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _flips(path: str, signature: tuple, step_a: int, step_b: int, param: str):
+    """(flips, figure) of the mask side between two checkpoints."""
+    flips = mask_flips(common.load_run_cached(path), step_a, step_b, param)
+    return flips, mask_flip_map(flips.flips, param, step_a, step_b)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _safetensors_bytes(path: str, signature: tuple, step: int, param: str) -> bytes:
+    import torch
+
+    views = {k: torch.from_numpy(v) for k, v in _views(path, signature, step, param).items()}
+    return tensors_safetensors(views, param, step)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _updated_csv(path: str, signature: tuple, step: int, param: str) -> bytes:
+    return updated_entries_csv(updated_entries(common.load_run_cached(path), step, param))
 
 
 # ------------------------------------------------------------------------------ page
@@ -143,6 +186,10 @@ with top[2]:
     regex = q2.toggle("regex", key="params_regex")
 
 names = kept.sort_values("kept", ascending=False, kind="stable")["param"].tolist()
+# the parts the run did not train are listed too, marked frozen (not "not saved")
+frozen_params, train_words = _frozen(path, signature)
+is_frozen = set(frozen_params["param"]) - set(names)
+names += [n for n in frozen_params["param"] if n in is_frozen]
 try:
     matches = find_params(names, query, regex=regex)
 except UserError as err:
@@ -151,14 +198,16 @@ except UserError as err:
 if not matches:
     st.warning(f"No parameter of run {rid} matches {query!r}; showing all {len(names)}.")
     matches = names
-is_kept = dict(zip(kept["param"], kept["kept"]))
+is_kept = dict(zip(kept["param"], kept["kept"])) | dict.fromkeys(is_frozen, False)
 wanted = st.query_params.get(PARAM_QUERY) or DEFAULT_PARAM
 default_param = wanted if wanted in matches else next(
     (n for n in matches if is_kept[n]), matches[0])
 param = st.selectbox(
     f"Parameter ({len(matches)} of {len(names)}; {int(kept['kept'].sum())} with saved tensors)",
     matches, index=matches.index(default_param),
-    format_func=lambda n: n if is_kept[n] else f"{n}  — tensor not saved",
+    format_func=lambda n: n if is_kept[n] else (
+        f"{n}  — frozen (not trained in this run)" if n in is_frozen
+        else f"{n}  — tensor not saved"),
 )
 if st.query_params.get(PARAM_QUERY) != param:
     st.query_params[PARAM_QUERY] = param
@@ -186,6 +235,13 @@ if lacking:
     note += " Not available: " + ", ".join(_KIND_WORDS[k] for k in lacking) + " — " \
         + "; ".join(why) + "."
 st.markdown(note)
+
+# ------------------------------------------------------------------------------ frozen
+if param in is_frozen:
+    st.info(f"**{param}** is frozen: not trained in this run (`{train_words}`). It never "
+            "moved from its pre-trained value θ0 (Δ = 0 everywhere), so the run has no "
+            "mask, importances or statistics for it. Pick a trained parameter to see them.")
+    st.stop()
 
 # ------------------------------------------------------------------------------ not saved
 row = kept.loc[kept["param"] == param].iloc[0]
@@ -319,7 +375,44 @@ else:
             st.plotly_chart(_what_if_figure(path, signature, int(step), param, alt_mask,
                                             alt_norm), key="params_whatif_fig", width="stretch")
 
+    # -------------------------------------------------------------------------- region
+    st.subheader("A region at full resolution")
+    n_rows, n_cols = shape2d
+    g = st.columns(4)
+    row_from = g[0].number_input("Rows from", 0, n_rows - 1, 0, key="params_r0")
+    row_to = g[1].number_input("to (excluded)", 1, n_rows, min(n_rows, 64), key="params_r1")
+    col_from = g[2].number_input("Columns from", 0, n_cols - 1, 0, key="params_c0")
+    col_to = g[3].number_input("to (excluded)", 1, n_cols, min(n_cols, 64), key="params_c1")
+    region_rows, region_cols = region_bounds(shape2d, (row_from, row_to), (col_from, col_to))
+    st.plotly_chart(region_panels({k: views[k] for k in PANEL_KINDS if k in views}, param,
+                                  region_rows, region_cols),
+                    key="params_region", width="stretch")
+    st.caption(f"Up to {REGION_FULL}×{REGION_FULL} entries each cell is one weight, and "
+               "hover gives its row, column and exact value; a larger region is pooled. "
+               "Rows and columns count from 0 in the whole tensor"
+               + (" (viewed as rows × the rest of its dimensions)."
+                  if len(row["shape"].split("×")) > 2 else "."))
+
+    # -------------------------------------------------------------------------- mask flips
+    if "mask" in views and len(steps) > 1:
+        st.subheader("Mask flips between two checkpoints")
+        f1, f2 = st.columns(2)
+        earlier = [s for s in steps if s < int(step)] or [s for s in steps if s != int(step)]
+        step_a = f1.selectbox("From step", earlier, index=0, key="params_flip_from")
+        f2.markdown(f"**To step**  \n{step} (the checkpoint chosen above)")
+        flips, flips_fig = _flips(path, signature, int(step_a), int(step), param)
+        k = st.columns(3)
+        k[0].metric("Pinned → free", f"{flips.freed:,}",
+                    help="Entries with w = 0 at the first step and w > 0 at the second.")
+        k[1].metric("Free → pinned", f"{flips.pinned:,}",
+                    help="Entries with w > 0 at the first step and w = 0 at the second.")
+        k[2].metric("Share that flipped", f"{(flips.freed + flips.pinned) / flips.numel:.2%}")
+        st.plotly_chart(flips_fig, key="params_flips", width="stretch")
+
     # -------------------------------------------------------------------------- downloads
+    # the two files below are made only when asked for (a CSV of a large tensor's moved
+    # entries can be big); the count comes from Δ, already read
+    n_moved = int(np.count_nonzero(views["delta"])) if "delta" in views else 0
     d1, d2 = st.columns(2)
     safe = param.replace("/", "_")
     d1.download_button(
@@ -333,6 +426,21 @@ else:
         "Download the statistics (.csv)", table.to_csv(index=False).encode(),
         file_name=f"{run.name}-step{step}-{safe}-stats.csv", mime="text/csv",
         key="params_csv", on_click="ignore")
+    d1.download_button(
+        "Download the tensors (.safetensors, every weight)",
+        lambda: _safetensors_bytes(path, signature, int(step), param),
+        file_name=f"{run.name}-step{step}-{safe}.safetensors",
+        mime="application/octet-stream", key="params_safetensors", on_click="ignore",
+        help="The same arrays as the .npz, as a safetensors file (param and step in its "
+             "metadata): safetensors.torch.load_file(file) reads it.")
+    d2.download_button(
+        f"Download the updated entries (.csv, {n_moved:,} rows)",
+        lambda: _updated_csv(path, signature, int(step), param),
+        file_name=f"{run.name}-step{step}-{safe}-updated.csv", mime="text/csv",
+        key="params_updated_csv", on_click="ignore",
+        help="Every entry with Δ ≠ 0: row, col (the tensor viewed as rows × the rest), "
+             "theta0, value (θ at this step) and delta; floats to 9 significant digits, "
+             "which give back each float32 exactly.")
 
 # ------------------------------------------------------------------------------ kept tensors
 with st.expander(f"Which tensors this run kept ({int(kept['kept'].sum())} of {len(kept)})"):

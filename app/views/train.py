@@ -272,13 +272,16 @@ def _estimate_box(root: Path, model: str, settings: dict, runs_per_launch: int) 
                 + f", plus loading the model — {found[1]}.", icon=":material/timer:")
         return
     st.info("No earlier run of this model on this device to estimate the time from. Time a "
-            "few steps to get an estimate (a 5-step run of the runner).",
+            "few steps to get an estimate (a 5-step run of the runner, evaluating as the run "
+            "will).",
             icon=":material/timer:")
     if st.button("Time a few steps", key="train_measure"):
-        with st.spinner("Timing 5 steps (loading the model, evaluating 5 examples)…"):
+        limit = max(1, min(int(settings["eval_limit"]), watch.MEASURE_EVAL_LIMIT))
+        with st.spinner(f"Timing 5 steps (loading the model; two evaluations of {limit} "
+                        "examples per split)…"):
             try:
                 watch.measure(resolve_model_path(model), device, int(settings["batch_size"]),
-                              root / jobs.QUEUE / "timings")
+                              root / jobs.QUEUE / "timings", eval_limit=limit)
             except UserError as err:
                 st.error(f"The timing run failed: {err}")
                 return
@@ -495,6 +498,46 @@ def live_panel(root: Path) -> None:
         st.rerun(scope="app")  # start or stop refreshing
 
 
+def explain_panel(root: Path) -> None:
+    """Queue ``python -m analysis.attribute`` for a finished run of the user's; list those
+    jobs with their state and log (the "Why it forgot" page shows the result)."""
+    done = [p.name for p in jobs.iter_user_runs(root) if jobs.run_status(p) == "done"]
+    if not done:
+        st.caption("No finished run of yours yet: once one is done it can be explained here.")
+    else:
+        c1, c2, c3 = st.columns([3, 2, 1], vertical_alignment="bottom")
+        name = c1.selectbox("Finished run", done, key="train_explain_run")
+        by = c2.selectbox("Grouped by", jobs.ATTRIBUTE_BY, key="train_explain_by",
+                          help="component: vision, projector, LLM; layer: each block; "
+                               "module: each kind of weight across the layers. About one "
+                               "evaluation per group.")
+        if c3.button("Queue", key="train_explain_queue"):
+            try:
+                job = jobs.queue_attribution(root, root / name, by)
+                st.toast(f"Queued {job.name}")
+                st.rerun(scope="app")  # start refreshing
+            except UserError as err:
+                st.error(str(err))
+    views = jobs.attribution_jobs(root) if root.is_dir() else []
+    for view in views[:5]:
+        text = (f"**{view.name}** — {_STATE_LABELS.get(view.state, view.state)} · "
+                f"`python -m analysis.attribute {view.target.name} {' '.join(view.args)}`")
+        st.markdown(text)
+        if view.error:
+            st.error(view.error)
+        if view.state == "done":
+            st.page_link("views/forgetting.py", label=f"See why {view.target.name} forgot",
+                         icon=":material/arrow_forward:",
+                         query_params={common.QUERY_KEY: [view.target.name]})
+        if view.log.is_file():
+            with st.expander("Log", expanded=False):
+                st.code(view.log.read_text(errors="replace")[-4000:], language="text")
+    active = any(v.state in ("queued", "running") for v in views)
+    if active != st.session_state.get("train_explain_busy", False):
+        st.session_state["train_explain_busy"] = active
+        st.rerun(scope="app")  # start or stop refreshing
+
+
 # ----------------------------------------------------------------------------- the page
 st.title("Train")
 st.caption("Fine-tune the model with one or several methods and watch each run as it goes. "
@@ -512,3 +555,9 @@ with st.expander("New run", expanded=not busy):
 
 st.subheader("Runs")
 st.fragment(run_every=REFRESH_S if busy else None)(live_panel)(root)
+
+st.subheader("Explain a finished run")
+st.caption("Revert each part of a finished run's update and score it again: which part made "
+           "it forget. Queued like a training run; the result shows on the Why it forgot page.")
+explaining = st.session_state.get("train_explain_busy", False)
+st.fragment(run_every=2 * REFRESH_S if explaining else None)(explain_panel)(root)

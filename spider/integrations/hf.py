@@ -64,7 +64,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from spider.methods import MethodBase, build_method, make_options
+from spider.methods import MethodBase, build_method, make_options, method_class
 from spider.recorder import RunRecorder, run_summary
 from spider.rundir import (
     EvalEvent,
@@ -266,7 +266,7 @@ class SpiderCallback(TrainerCallback):
         self._writer: _RunWriter | None = None
 
     # -- building the method
-    def _build(self, model: nn.Module) -> MethodBase:
+    def _build(self, model: nn.Module, resuming: bool = False) -> MethodBase:
         if self._given is not None:
             method = self._given
             trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -284,11 +284,16 @@ class SpiderCallback(TrainerCallback):
                 f"SpiderCallback('{self.method_name}'): the Trainer's model is wrapped by PEFT, "
                 "so only its adapters train; use SpiderCallback('lora') to run it, or give "
                 f"'{self.method_name}' an unwrapped model (it acts on the model's own weights)")
+        cls = method_class(self.method_name)
+        if resuming and getattr(cls, "builds_unscored", False):
+            # the model holds the checkpoint's weights, not theta0: scoring them would miss
+            # the score cache and be replaced by the saved mask (_load_state) anyway
+            return cls(model, make_options(self.method_name, **self.options), scored=False)
         return build_method(self.method_name, model, **self.options)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = unwrap_model(model)
-        self.method = self._build(model)
+        self.method = self._build(model, resuming=state.global_step > 0)
         self.penalty_added = False
         start_weights = None
         if state.global_step > 0:  # resuming: the model holds the checkpoint's weights

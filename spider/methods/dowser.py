@@ -551,7 +551,12 @@ class Dowser(MethodBase):
         "Model-Dowser: scores each linear weight once by output sensitivity x |W| x input "
         "on self-generated prompts; only the lowest-scoring ratio (default 10%) trains.")
 
-    def __init__(self, model: nn.Module, options: Any | None = None):
+    #: built with ``scored=False`` a Dowser has no mask until ``load_state_dict`` gives it
+    #: the saved one: how a resume (``spider.integrations.hf``) skips scoring weights that
+    #: are no longer theta0 (a cache miss, and a score the saved mask replaces anyway)
+    builds_unscored: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, options: Any | None = None, *, scored: bool = True):
         super().__init__(model, options)
         self.frozen: dict[str, torch.Tensor] = {}
         self.factors: dict[str, Factors] = {}
@@ -562,7 +567,7 @@ class Dowser(MethodBase):
         self._frozen_by_id: dict[int, torch.Tensor] = {}
         linears = {pn for _, _, pn in _linears(model)}
         targets = [n for n in self.params if n in linears and self.params[n].dim() == 2]
-        if targets:
+        if targets and scored:
             if can_generate(model):
                 factors, self._factor_file = cached_factors(model, self.options)
             else:

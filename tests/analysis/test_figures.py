@@ -308,3 +308,38 @@ def test_tensor_panels_pool_only_what_the_budget_demands():
     assert all(np.asarray(t.z).shape == (160, 448) for t in fig.data)
     assert figure_json_size(fig) <= MAX_FIGURE_BYTES
     assert all("block" not in t.hovertemplate for t in fig.data)
+
+
+def test_forgetting_drift_table_takes_f_and_kl_at_the_last_evaluation():
+    from analysis.figures.attribution import forgetting_drift_table, forgetting_vs_drift
+
+    def row(run, step, split, metric, value):
+        return {"run": run, "method": "full", "step": step, "split": split, "metric": metric,
+                "value": value}
+
+    rows = []
+    for run, u_end in (("a", 0.5), ("b", 0.8), ("plain", 0.7)):
+        for step, u, d in ((0, 0.9, 0.1), (100, u_end, 0.6)):
+            rows += [row(run, step, "upstream", "score", u),
+                     row(run, step, "downstream", "score", d)]
+    rows += [row("a", 0, "upstream", "kl_to_base", 0.0),
+             row("a", 100, "upstream", "kl_to_base", 0.3),
+             row("b", 50, "upstream", "kl_to_base", 0.1)]  # not at F's step: its last
+    table = forgetting_drift_table(pd.DataFrame(rows)).set_index("run")
+    assert list(table.index) == ["a", "b"]  # "plain" logged no kl_to_base
+    assert table.loc["a", "F"] == pytest.approx(-0.4)
+    assert table.loc["a", "kl_to_base"] == pytest.approx(0.3)
+    assert (table.loc["b", "step"], table.loc["b", "kl_to_base"]) == (50, pytest.approx(0.1))
+    spec = forgetting_vs_drift(table.reset_index()).to_plotly_json()
+    assert [t["name"] for t in spec["data"]] == ["a", "b"]
+    empty = forgetting_vs_drift(forgetting_drift_table(pd.DataFrame(rows[:12])))
+    assert "kl_to_base" in empty.to_plotly_json()["layout"]["annotations"][0]["text"]
+
+
+def test_mask_flip_map_draws_each_entry_when_it_fits():
+    from analysis.figures.tensors import mask_flip_map
+
+    flips = torch.zeros(40, 300, dtype=torch.int8)
+    flips[3, 7], flips[5, 299] = 1, -1
+    z = np.asarray(mask_flip_map(flips, "p", 10, 20).data[0].z, dtype=float)
+    assert z.shape == (40, 300) and z[3, 7] == 1 and z[5, 299] == -1 and abs(z).sum() == 2

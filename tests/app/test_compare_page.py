@@ -190,3 +190,34 @@ def test_post_hoc_methods_are_said_to_act_after_training(app_page):
     assert "act after training" in note and "samples/wise_ft (wise_ft)" in note
     at = app_page("compare", query={"runs": ["samples/spider", "samples/full"]})
     assert not any("act after training" in c.value for c in at.caption)
+
+
+def test_runs_without_drift_metrics_are_said_to_lack_them(app_page):
+    at = app_page("compare", query={"runs": ["samples/spider", "samples/full"]})
+    assert not at.exception
+    notes = [i.value for i in at.info if "no drift metrics" in i.value]
+    assert len(notes) == 1 and notes[0].count(".") == 1  # one sentence
+    assert not any("kl_to_base" in str(s["layout"].get("title")) for s in charts(at))
+
+
+def test_drift_curves_and_forgetting_against_kl_across_runs(app_page, runs_dir):
+    from analysis.figures.attribution import DRIFT_METRICS
+    from spider.rundir import EvalEvent, RunDir
+
+    kl = {"drifted": 0.4, "kept": 0.05}
+    for name, source in (("drifted", "full"), ("kept", "spider")):
+        path = copy_run(source, runs_dir / name)
+        last = int(analysis.load_run(path).summary.iloc[0]["step"])
+        RunDir(path).append_events([
+            EvalEvent(s, "upstream", m, v * (s > 0), 100) for s in (0, last)
+            for m, v in zip(DRIFT_METRICS, (kl[name], 0.1, 0.2, 0.3), strict=True)])
+    at = app_page("compare", query={"runs": ["drifted", "kept"]})
+    assert not at.exception
+    assert not any("no drift metrics" in i.value for i in at.info)
+    curves = chart(at, "Output drift")
+    assert {t["name"].split(" (")[0] for t in curves["data"]} == {"drifted", "kept"}
+    scatter = chart(at, "against output drift kl_to_base")
+    points = {t["name"]: (_decode(t["x"])[0], _decode(t["y"])[0]) for t in scatter["data"]}
+    for name, source in (("drifted", "full"), ("kept", "spider")):
+        summary = analysis.load_run(SAMPLES / source).summary.iloc[0]
+        assert points[name] == pytest.approx((kl[name], summary["F"]))

@@ -164,6 +164,30 @@ def test_a_job_whose_runner_was_replaced_by_another_process_shows_stopped(root):
     assert not jobs.anything_running(root)
 
 
+def test_a_resumed_job_is_starting_while_run_json_is_still_the_cancelled_attempts(root):
+    """Issue 23: after Resume, the runner loads the model before it rewrites run.json, which
+    still says ``cancelled`` (with the old pid). The job is starting, and the page keeps
+    refreshing; it follows run.json once the runner has written its own pid there."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    _fake_run(root, "again", status="cancelled", pid=child.pid)
+    jobs.resume(root, "again", start_supervisor=False)
+    assert [(v.name, v.state) for v in jobs.jobs_overview(root)] == [("again", "queued")]
+    job = jobs.claim_next(root)
+    assert jobs.jobs_overview(root)[0].state == "starting"  # claimed, no process yet
+    record = {**job.to_json(), "pid": os.getpid(),
+              "pid_start": jobs.process_start_time(os.getpid()), "log": ""}
+    (root / ".queue" / "active" / "again.json").write_text(json.dumps(record))
+    assert jobs.jobs_overview(root)[0].state == "starting"
+    assert jobs.anything_running(root)
+    info = json.loads((root / "again" / "run.json").read_text())
+    info.update(status="running", pid=os.getpid(),
+                pid_start_time=jobs.process_start_time(os.getpid()))
+    (root / "again" / "run.json").write_text(json.dumps(info))
+    assert jobs.jobs_overview(root)[0].state == "running"
+    (root / ".queue" / "active" / "again.json").unlink()  # not a runner: the fixture kills those
+
+
 def test_cancel_a_queued_job_drops_it(root):
     jobs.enqueue(root, jobs.reserve_name(root, "q"), [])
     assert jobs.cancel(root, "q") == "dequeued"

@@ -168,3 +168,34 @@ def test_two_runs_updates_are_compared_weight_by_weight(app_page):
     cosine = bar_values([t for t in spec["data"] if t["type"] == "bar"], "x2")
     assert cosine["projector"] == pytest.approx(stats.update_cosine(a, b), abs=1e-6)
     assert any(f"step {step}" in c.value and "tensors both kept" in c.value for c in at.caption)
+
+
+def test_parts_a_run_did_not_train_show_as_frozen(app_page):
+    """spider-attn trained only the language model's q/k/v/o: the vision encoder, projector
+    and the embeddings are grey rows saying "frozen" (not missing, not "not recorded"); the
+    MLPs and norms inside the trained blocks are named frozen under the heatmap."""
+    at = app_page("layers", query={"runs": ["samples/spider-attn"]})
+    assert not at.exception
+    spec = heatmaps(at)[0]
+    overlay = [t for t in spec["data"] if t.get("name") == "frozen"]
+    assert len(overlay) == 1
+    assert "frozen: not trained in this run (--train attn)" in overlay[0]["hovertemplate"]
+    grey = [y for y, row in zip(overlay[0]["y"], z_matrix({"data": overlay}))
+            if np.isfinite(row).all()]
+    assert any(y.startswith("vision encoder") for y in grey) and "projector" in grey
+    assert not any(y.startswith("language model · block") for y in grey)
+    captions = " ".join(c.value for c in at.caption)
+    assert "Grey rows are frozen" in captions and "--train attn" in captions
+    assert "MLP: down" in captions  # frozen inside the trained blocks
+    # choosing only a frozen module: every row grey, still a heatmap
+    at.multiselect[1].set_value(["down_proj"]).run()
+    assert not at.exception
+    spec = heatmaps(at)[0]
+    assert [t.get("name") for t in spec["data"]][-1] == "frozen"
+
+
+def test_mlp_gate_up_run_names_down_proj_frozen(app_page):
+    at = app_page("layers", query={"runs": ["samples/full-mlp_gate_up"]})
+    assert not at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "--train mlp_gate_up" in captions and "MLP: down" in captions

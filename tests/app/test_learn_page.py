@@ -84,7 +84,7 @@ def test_sliders_toggles_and_reseed_change_the_mask(app_page):
 def test_start_here_links_select_the_sample_runs(app_page):
     at = app_page("learn")
     links = {link.proto.label: link.proto for link in at.page_link}
-    assert set(links) == {"Compare", "Layers", "Parameters"}
+    assert {"Compare", "Layers", "Parameters"} <= set(links)
     assert "runs=samples%2Fspider" in links["Compare"].query_string
     assert "runs=samples%2Ffull" in links["Compare"].query_string
     assert "param=model.language_model.layers.3.mlp.down_proj.weight" in \
@@ -117,3 +117,15 @@ def test_no_normalisation_under_the_binary_mask_says_why_nothing_changes(app_pag
     # the normalisation's divisor is named in words, not as the ambiguous mean(w>0)
     formulas = " ".join(e.value for e in at.get("latex"))
     assert "mean(w>0)" not in formulas.replace(" ", "") and "over the weights with" in formulas
+
+
+def test_why_it_forgot_is_explained_with_links_to_its_pages(app_page):
+    at = app_page("learn")
+    assert not at.exception
+    links = {link.proto.label: link.proto for link in at.page_link}
+    assert links["Why it forgot"].page.endswith("forgetting")
+    assert links["Output drift on Compare"].page.endswith("compare")
+    text = " ".join(m.value for m in at.markdown)
+    assert "Reading an attribution" in text and "U recovered" in text
+    for measure in ("kl_to_base", "format errors", "content errors", "answer-type drift"):
+        assert measure in text

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -186,3 +187,118 @@ def test_options_are_written_one_way(app_page):
     at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
     text = " ".join(m.value for m in at.markdown) + " ".join(i.value for i in at.info)
     assert "normalize=true" in text and "normalize=True" not in text
+
+
+def _chart(at, title_part: str) -> dict:
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        if title_part in spec["layout"].get("title", {}).get("text", ""):
+            return spec
+    raise AssertionError(f"no chart titled {title_part!r}")
+
+
+def test_a_region_is_drawn_entry_by_entry_with_exact_values(app_page):
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    assert not at.exception
+    at.number_input(key="params_r0").set_value(10)
+    at.number_input(key="params_r1").set_value(20)
+    at.number_input(key="params_c0").set_value(100)
+    at.number_input(key="params_c1").set_value(130).run()
+    assert not at.exception
+    run = analysis.load_run(SAMPLES / "spider")
+    delta = run.tensor(run.steps[-1], DOWN, "delta")
+    spec = _chart(at, "rows 10–19, columns 100–129")
+    trace = next(t for t in spec["data"] if t["name"] == "delta")
+    assert trace["x"] == list(range(100, 130)) and trace["y"] == list(range(10, 20))
+    assert "row %{y}, col %{x}" in trace["hovertemplate"]
+    assert "%{z:.9g}" in trace["hovertemplate"]
+    z = trace["z"]
+    from tests.app.test_compare_page import _decode
+
+    values = np.array(_decode(z) if isinstance(z, dict) else z, dtype=np.float32)
+    assert np.array_equal(values.reshape(10, 30), delta[10:20, 100:130].numpy())
+
+
+def test_a_large_region_is_pooled_and_labelled_with_whole_tensor_indices():
+    from analysis.figures.tensors import region_panels
+
+    t = torch.arange(600 * 300, dtype=torch.float32).reshape(600, 300)
+    spec = region_panels({"weight": t}, "p", (50, 600), (0, 300)).to_plotly_json()
+    trace = spec["data"][0]
+    assert len(trace["y"]) <= 256 and trace["y"][0].startswith("50–")
+    assert "pooled" in trace["hovertemplate"]
+
+
+def test_mask_flips_between_checkpoints_equal_the_masks_sides(app_page):
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    assert not at.exception
+    run = analysis.load_run(SAMPLES / "spider")
+    a, b = run.steps[0], run.steps[-1]
+    free_a = run.tensor(a, DOWN, "mask") > 0
+    free_b = run.tensor(b, DOWN, "mask") > 0
+    shown = _metrics(at)
+    assert shown["Pinned → free"] == f"{int((~free_a & free_b).sum()):,}"
+    assert shown["Free → pinned"] == f"{int((free_a & ~free_b).sum()):,}"
+    spec = _chart(at, "Mask flips")
+    assert f"from step {a} to step {b}" in spec["layout"]["title"]["text"]
+    z = spec["data"][0]["z"]
+    from tests.app.test_compare_page import _decode
+
+    flips = np.array(_decode(z) if isinstance(z, dict) else z, dtype=float).reshape(
+        free_a.shape)
+    assert np.array_equal(flips, (free_b.int() - free_a.int()).numpy())
+
+
+def test_downloads_hold_every_weight_and_the_updated_entries(app_page):
+    import io
+
+    import pandas as pd
+    from safetensors.torch import load
+
+    from analysis.tensors import (
+        tensor_views,
+        tensors_safetensors,
+        updated_entries,
+        updated_entries_csv,
+    )
+
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download the tensors (.safetensors, every weight)" in labels
+    assert any(label.startswith("Download the updated entries (.csv") for label in labels)
+    run = analysis.load_run(SAMPLES / "spider")
+    step = run.steps[-1]
+    views = tensor_views(run, step, DOWN)
+    loaded = load(tensors_safetensors(views, DOWN, step))
+    for kind, tensor in views.items():
+        assert torch.equal(loaded[kind], tensor)
+    moved = pd.read_csv(io.BytesIO(updated_entries_csv(updated_entries(run, step, DOWN))),
+                        dtype={"theta0": np.float32, "value": np.float32,
+                               "delta": np.float32})
+    delta = views["delta"]
+    assert len(moved) == int((delta != 0).sum())
+    weight = run.tensor(step, DOWN, "weight")
+    rows, cols = moved["row"].to_numpy(), moved["col"].to_numpy()
+    assert np.array_equal(moved["delta"].to_numpy(), delta.numpy()[rows, cols])
+    assert np.array_equal(moved["value"].to_numpy(), weight.numpy()[rows, cols])
+    assert np.array_equal(moved["theta0"].to_numpy(),
+                          run.theta0(DOWN).float().numpy()[rows, cols])
+    assert f"{len(moved):,} rows" in next(b.label for b in at.get("download_button")
+                                          if "updated entries" in b.label)
+
+
+def test_a_tensor_the_run_did_not_train_is_listed_as_frozen(app_page):
+    """--train mlp_gate_up leaves down_proj frozen: it is listed, marked frozen (not "tensor
+    not saved"), and picking it says it never moved, citing the run's --train."""
+    at = app_page("parameters", query={"runs": ["samples/full-mlp_gate_up"], "param": DOWN})
+    assert not at.exception
+    box = _widget(at.selectbox, "Parameter")
+    assert box.value == DOWN
+    labels = list(box.options)  # as the page formats them
+    assert f"{DOWN}  — frozen (not trained in this run)" in labels
+    assert not any("gate_proj" in o and "frozen" in o for o in labels)
+    assert any(o.startswith("vision_tower") and "frozen" in o for o in labels)
+    notes = " ".join(i.value for i in at.info)
+    assert "is frozen: not trained in this run (`--train mlp_gate_up`)" in notes
+    assert "did not save the tensor" not in notes
+    assert not at.get("plotly_chart")

@@ -155,12 +155,14 @@ def test_with_no_earlier_run_of_the_model_a_short_timing_gives_the_estimate(app_
     at.text_input(key="train_model_path").set_value(str(model)).run()
     assert not _errors(at)
     assert any("No earlier run of this model" in i.value for i in at.info)
+    at.number_input(key="train_eval_limit").set_value(5).run()  # the timing evaluates as many
     next(b for b in at.button if b.key == "train_measure").click().run(timeout=600)
     assert not at.exception and not _errors(at)
     (estimate,) = [i.value for i in at.info if i.value.startswith("Estimated time")]
     assert "from 1 earlier run of this model" in estimate
     timing_runs = list((runs_dir / ".queue" / "timings").iterdir())
     assert len(timing_runs) == 1 and (timing_runs[0] / "run.json").exists()
+    assert json.loads((timing_runs[0] / "run.json").read_text())["config"]["eval_limit"] == 5
 
 
 def test_every_invalid_number_is_named_and_launch_stays_off_until_fixed(app_page, runs_dir):

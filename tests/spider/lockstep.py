@@ -71,7 +71,7 @@ def sum_error(n: int) -> float:
     return (math.ceil(math.log2(max(n, 2))) + 2) * EPS
 
 
-def _rank_shift(t: torch.Tensor) -> float:
+def rank_shift(t: torch.Tensor) -> float:
     """Bound on how far ``rank(t) = sigmoid((|t| - mean)/std)`` moves, in any entry, when its
     mean and std carry the rounding of their sums (relative error ``r`` each, var formed as
     (sum t^2 - n mean^2)/(n - 1), whose cancellation multiplies r by (E t^2 + mean^2)/var):
@@ -149,7 +149,7 @@ def check_spider_step(name: str, theta0: torch.Tensor, p_before: torch.Tensor,
     moved = float(gradient_bound.max())
     if std > 0:
         z_max = float(((absolute - absolute.mean()) / std).abs().max())
-        tie_bound = 0.25 * (2 + z_max) * moved * 1.01 / std + _rank_shift(sum_ref)
+        tie_bound = 0.25 * (2 + z_max) * moved * 1.01 / std + rank_shift(sum_ref)
     else:
         tie_bound = math.inf if moved > 0 else 0.0
     report.tie_bound = tie_bound
@@ -166,7 +166,7 @@ def check_spider_step(name: str, theta0: torch.Tensor, p_before: torch.Tensor,
     # S_other - S_before errs by one rounding of S_other (<= EPS*|S_other|); AdamW may
     # amplify that (adamw_spread). The mask is recomputed from S_other by keep_weight; the
     # other side may have summed its statistics in another order (shards): that moves its
-    # ranks by _rank_shift each, so w = G/(I+G), normalised, by <= 2 * shift / (I + G) plus the
+    # ranks by rank_shift each, so w = G/(I+G), normalised, by <= 2 * shift / (I + G) plus the
     # normaliser's own rounding; an entry that close to the tie may sit on the other side.
     delta = EPS * sum_other.abs()
     stepped = adamw(p_before, g_other, adam)
@@ -174,7 +174,7 @@ def check_spider_step(name: str, theta0: torch.Tensor, p_before: torch.Tensor,
     ranks: dict[str, torch.Tensor] = {}
     w, _ = keep_weight(theta0, sum_other, options,
                        importances=lambda pre, ft: ranks.update(pre=pre.clone(), ft=ft.clone()))
-    shift = _rank_shift(sum_other) + _rank_shift(theta0)
+    shift = rank_shift(sum_other) + rank_shift(theta0)
     both = (ranks["pre"] + ranks["ft"]).clamp(min=1e-30)
     w_bound = 2 * shift / both + sum_error(theta0.numel()) * w
     expected = theta0 + w * (stepped - theta0)

@@ -145,3 +145,17 @@ def test_a_state_saved_before_mask_churn_still_loads():
     other.collect_statistics = True
     _step(other.model, other, torch.optim.SGD(other.trainable_parameters(), lr=0.1), 1)
     assert all(math.isnan(r["mask_churn"]) for r in other.statistics().values())
+
+
+def test_dowsers_importance_has_no_rank_range_nor_rank_format():
+    """Dowser fills the pre-training importance with its own score (unbounded, often tiny):
+    no 0–1 colour range, and a format that does not print a small score as 0.0000."""
+    for name in ("importance_pre_mean", "importance_pre_sq_mean"):
+        assert S.value_range(name) == (0.0, 1.0)
+        assert S.value_range(name, "spider") == (0.0, 1.0)
+        assert S.value_range(name, "dowser") is None
+        assert S.fmt(name, "dowser") == ".4g" and S.fmt(name, "spider") == ".4f"
+    assert S.format_value("importance_pre_mean", 3e-7, "dowser") == "3e-07"
+    assert S.format_value("importance_pre_mean", 0.51234, "spider") == "0.5123"
+    assert S.value_range("mask_density", "dowser") == (0.0, 1.0)  # no override: the range
+    assert not S.is_percent("importance_pre_mean", "dowser")

@@ -277,3 +277,48 @@ def test_spider_callback_scores_at_train_begin_and_keeps_frozen_entries(tmp_path
     run = load_run(tmp_path / "run")
     name = "model.language_model.layers.0.mlp.up_proj.weight"
     assert torch.equal(run.tensor(2, name, "mask"), (~method.frozen[name]).float())
+
+
+def test_spider_callback_resume_takes_the_saved_mask_without_scoring(cache, tmp_path,
+                                                                      monkeypatch):
+    """A resumed Trainer run holds the checkpoint's weights, not theta0: scoring them would
+    miss the cache and be thrown away for the saved mask; the callback does not score."""
+    from transformers import Trainer, TrainingArguments
+
+    from spider.data import load_dataset
+    from spider.data.collate import TrainCollator
+    from spider.integrations.hf import SpiderCallback
+
+    calls = []
+    probe = dw.probe_factors
+    monkeypatch.setattr(dw, "probe_factors", lambda *a, **k: calls.append(1) or probe(*a, **k))
+    data = load_dataset("builtin:counting", "train", seed=0, size=8)
+
+    def run(resume=None):
+        model, processor = _tiny(("attn",))
+        theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        callback = SpiderCallback("dowser", **SMALL)
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True, max_steps=2,
+                                 per_device_train_batch_size=4, learning_rate=1e-2,
+                                 save_strategy="steps", save_steps=1, report_to=[],
+                                 remove_unused_columns=False, disable_tqdm=True,
+                                 dataloader_pin_memory=False)
+        Trainer(model=model, args=args, train_dataset=data,
+                data_collator=TrainCollator(processor), callbacks=[callback]
+                ).train(resume_from_checkpoint=resume)
+        return callback.method, theta0
+
+    whole, theta0 = run()
+    assert len(calls) == 1
+    # (this model's Trainer checkpoint loads back through the callback's state, so the model
+    # may still hold theta0 at train begin; a cleaned cache makes any scoring show)
+    for path in (cache / "dowser").glob("*.safetensors"):
+        path.unlink()
+    resumed, _ = run(resume=str(tmp_path / "hf" / "checkpoint-1"))
+    assert len(calls) == 1  # not scored again: the mask came from checkpoint-1
+    assert set(resumed.frozen) == set(whole.frozen)
+    for name, frozen in whole.frozen.items():
+        assert torch.equal(resumed.frozen[name], frozen), name
+        p = resumed.params[name].detach()
+        assert torch.equal(p[frozen], theta0[name][frozen]), name
+        assert torch.equal(p, whole.params[name].detach()), name  # as if never stopped
