@@ -10,7 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis import explore, stats
-from analysis.figures.style import COMPONENT_COLORS, _axis_name, _empty, _panel_layout, _ref
+from analysis.figures.style import (
+    COMPONENT_COLORS,
+    COMPONENT_OUTLINE,
+    _axis_name,
+    _empty,
+    _panel_layout,
+    _ref,
+)
 from spider import statistics
 
 
@@ -53,7 +60,8 @@ def layer_bars(table: pd.DataFrame, values: Sequence[str], titles: Sequence[str]
             traces.append(go.Bar(
                 y=part["name"], x=part[value].to_numpy(float), orientation="h", name=label,
                 xaxis=xa, yaxis=ya, legendgroup=label, showlegend=label not in shown,
-                marker_color=COMPONENT_COLORS.get(component, "#333333"),
+                marker={"color": COMPONENT_COLORS.get(component, "#333333"),
+                        "line": {"color": COMPONENT_OUTLINE, "width": 0.6}},
                 customdata=part["numel"].to_numpy(float),
                 hovertemplate=(f"%{{y}}<br>{html.escape(statistics.label(value))}: "
                                f"%{{x:{statistics.fmt(value, method)}}}<br>"

@@ -4,7 +4,7 @@ the JSON budget.
 * a **run** has a colour of its own (:func:`run_colors`), so several runs of one method can be
   told apart; the **method** is shown by the marker symbol (:func:`method_symbol`); where no
   run colours are given, a method has one colour everywhere (:func:`method_color`); a model
-  component likewise (:data:`COMPONENT_COLORS`);
+  component likewise (:data:`COMPONENT_COLORS`, light tints that no run or method uses);
 * axes say what they measure and in which unit; steps are whole numbers (:func:`step_axis`);
   log axes are labelled with numbers (:func:`log_axis`);
 * large data are pooled or binned before drawing: every figure's JSON stays under
@@ -24,9 +24,16 @@ MAX_FIGURE_BYTES = 2_000_000
 """What one figure may weigh as JSON when sent to a browser."""
 
 
+# Components are light tints (bars with a dark outline), runs and methods saturated colours:
+# a colour never means both a component and a run. (Components had category10's blue, orange
+# and green, the first run colours too: orange was the projector on Layers and full
+# fine-tuning on Compare.) tests/analysis/test_figures.py keeps components pale (CIELAB L* at
+# least 80), run and method colours darker (L* at most 75), and every pair far apart.
 COMPONENT_COLORS = {  # every component of spider.naming.COMPONENTS
-    "vision": "#1f77b4", "projector": "#ff7f0e", "llm": "#2ca02c", "other": "#7f7f7f",
+    "vision": "#b3cde3", "projector": "#fddaec", "llm": "#ccebc5", "other": "#e5d8bd",
 }
+COMPONENT_OUTLINE = "#555555"
+"""The outline of a component's bar: light tints need one to read on white."""
 
 
 _METHOD_COLORS = {

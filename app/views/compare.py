@@ -76,9 +76,13 @@ def _on_pick() -> None:
     common.set_selected_runs(st.session_state[_PICK_KEY], runs)
 
 
+# matched as typed text, not fuzzily, and no "Select all matches": "full" + Enter adds the
+# first run whose name or method holds "full", one run, not every run whose letters f-u-l-l
+# appear in order
 st.multiselect(
     "Runs to compare", options=runs["path"].tolist(), key=_PICK_KEY, on_change=_on_pick,
     format_func=lambda p: f"{label_of[p]} ({method_of[p]})",
+    filter_mode="contains", select_all=False,
     help="The choice carries to the other pages and sits in the page address, so a link "
          "or a reload keeps it.",
 )

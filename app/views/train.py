@@ -87,6 +87,12 @@ def _message(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _plain(text: str) -> str:
+    """``text`` shown as written in Markdown: ``*``, ``_``, ``$`` (LaTeX), ``|`` and the like
+    escaped, so that "lam * sum" or "p_drop" are not read as emphasis or formulae."""
+    return "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|$~" else c for c in text)
+
+
 def _allowed_roots() -> list[Path]:
     """Where a typed model or data path may be: exactly the repository, the runs folders and
     those ``SPIDERSCOPE_ROOTS`` names, each once (:func:`app.common.allowed_roots`)."""
@@ -159,12 +165,21 @@ def _option_widget(method: str, field: dataclasses.Field):
 
 def _methods_input(problems: list[str]) -> dict[str, dict]:
     """Chosen methods and their options (only those changed from the defaults)."""
+    # Names only, matched as typed text (not fuzzily), and no "Select all matches": with the
+    # descriptions in the labels, "full" matched eight methods ("trains like full
+    # fine-tuning") and Enter queued them all. Enter picks the first match, one method.
     methods = st.multiselect(
         "Methods", available_methods(), default=["spider"], key="train_methods",
+        filter_mode="contains", select_all=False,
         help="Several methods run one after another, each its own run, with the same "
-             "settings.", format_func=lambda m: f"{m} — {method_class(m).summary}")
+             "settings. What each method does is listed under the box.")
     if not methods:
         problems.append("Methods: choose at least one method.")
+    for method in methods:
+        st.caption(f"**{_plain(method)}**: {_plain(method_class(method).summary)}")
+    with st.expander("What each method does", expanded=False):
+        st.markdown("\n".join(f"- **{_plain(m)}**: {_plain(method_class(m).summary)}"
+                              for m in available_methods()))
     chosen: dict[str, dict] = {}
     for method in methods:
         fields = option_fields(method)
@@ -294,6 +309,13 @@ def _resolved_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def queued_text(methods: list[str]) -> str:
+    """What Launch will queue, said next to it: "2 runs: spider, full" (one run per method)."""
+    if not methods:
+        return "Nothing to queue: choose a method."
+    return f"{len(methods)} run{'s' if len(methods) != 1 else ''}: {', '.join(methods)}"
+
+
 def new_run_form(root: Path) -> None:
     problems: list[str] = []
     left, right = st.columns(2, gap="large")
@@ -322,9 +344,12 @@ def new_run_form(root: Path) -> None:
         _estimate_box(root, model, settings, len(methods))
     for problem in problems:
         st.error(problem)
-    if st.button("Launch", type="primary", disabled=bool(problems), key="train_launch",
-                 help=(f"Off until the {len(problems)} problem(s) listed above are fixed."
-                       if problems else "Queue the runs: they start one after another.")):
+    launch_col, queued_col = st.columns([1, 5], vertical_alignment="center")
+    queued_col.markdown(_plain(queued_text(list(methods))))
+    if launch_col.button("Launch", type="primary", disabled=bool(problems), key="train_launch",
+                         help=(f"Off until the {len(problems)} problem(s) listed above are "
+                               "fixed." if problems
+                               else "Queue the runs: they start one after another.")):
         runs = []
         for method, options in methods.items():
             run = {**base, "method": method, "options": options}

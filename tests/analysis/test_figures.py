@@ -343,3 +343,40 @@ def test_mask_flip_map_draws_each_entry_when_it_fits():
     flips[3, 7], flips[5, 299] = 1, -1
     z = np.asarray(mask_flip_map(flips, "p", 10, 20).data[0].z, dtype=float)
     assert z.shape == (40, 300) and z[3, 7] == 1 and z[5, 299] == -1 and abs(z).sum() == 2
+
+
+def _lab(color: str) -> np.ndarray:
+    """CIELAB of a "#rrggbb" or "rgb(r, g, b)" colour (sRGB, D65): distances there are about
+    what the eye sees, 2.3 being just noticeable."""
+    if color.startswith("#"):
+        rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)], float) / 255
+    else:
+        rgb = np.array([float(v) for v in color[color.index("(") + 1:-1].split(",")[:3]]) / 255
+    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                    [0.0193, 0.1192, 0.9505]]) @ linear / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_component_colours_are_never_run_or_method_colours():
+    # issue 25: orange was the projector on Layers and full fine-tuning on Compare
+    from analysis.figures.style import _METHOD_COLORS, COMPONENT_COLORS, RUN_PALETTE
+    from spider.naming import COMPONENTS
+
+    assert set(COMPONENT_COLORS) == set(COMPONENTS)
+    components = {c.lower() for c in COMPONENT_COLORS.values()}
+    assert len(components) == len(COMPONENTS)  # the components differ from one another
+    others = [*RUN_PALETTE, *_METHOD_COLORS.values(), *(figures.method_color(m) for m in
+                                                        ("not-a-method", "x", "y"))]
+    assert not components & {c.lower() for c in others}
+    # not merely unequal: every run colour covers some hue, so the two families differ in
+    # lightness: components pale tints (CIELAB L* at least 80), runs and methods full colours
+    # (L* at most 75; the lightest, #bcbd22, is 74), and every pair far apart to the eye (the
+    # nearest is about 31 apart; #ff7f0e and a slightly lighter orange #ff9f4e are 23)
+    assert min(_lab(c)[0] for c in components) >= 80
+    assert max(_lab(o)[0] for o in others) <= 75
+    nearest = min(np.linalg.norm(_lab(c) - _lab(o)) for c in components for o in others)
+    assert nearest > 25
+    assert min(np.linalg.norm(_lab(a) - _lab(b)) for a in components for b in components
+               if a != b) > 10
