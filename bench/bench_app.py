@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PAGES = ("learn", "compare", "layers", "parameters", "train")
+PAGES = ("learn", "compare", "layers", "parameters", "forgetting", "train")
 
 
 def _move_compare(at, i: int) -> None:
@@ -89,7 +89,7 @@ def measure(repeat: int) -> list[dict]:
 TARGET_FIRST_S = 3.0
 TARGET_SWITCH_S = 1.0
 _TITLES = {"learn": "Learn", "compare": "Compare", "layers": "Layers",
-           "parameters": "Parameters", "train": "Train"}
+           "parameters": "Parameters", "forgetting": "Why it forgot", "train": "Train"}
 _DONE = """title => {
   const app = document.querySelector("[data-testid='stApp']");
   const h1 = document.querySelector("h1");
@@ -165,7 +165,8 @@ def measure_server(launcher: str = "app", timeout: float = 300) -> dict:
                     start, cpu = time.perf_counter(), _cpu_seconds(process.pid)
                     link.click()
                     page.wait_for_timeout(30)  # the click's rerun starts
-                    page.wait_for_function(_DONE, arg=name, timeout=timeout * 1000, polling=20)
+                    page.wait_for_function(_DONE, arg=_TITLES[name].lower(),
+                                           timeout=timeout * 1000, polling=20)
                     result[f"{name}_{visit}_s"] = time.perf_counter() - start
                     result[f"{name}_{visit}_cpu"] = _cpu_seconds(process.pid) - cpu
         finally:
