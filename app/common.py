@@ -261,6 +261,18 @@ def run_id(path: Path, root: Path, bundled: bool) -> str:
     return SAMPLES_PREFIX + relative if bundled else relative
 
 
+def readable_runs_or_stop() -> pd.DataFrame:
+    """The runs of :func:`list_all_runs` that can be read (not ``damaged``); with none, the
+    page says where the bundled samples live and stops."""
+    runs = list_all_runs()
+    readable = runs[runs["status"] != "damaged"]
+    if readable.empty:
+        st.info("No readable runs found. The bundled samples live in "
+                f"`{bundled_runs_root()}`.")
+        st.stop()
+    return readable
+
+
 def list_all_runs() -> pd.DataFrame:
     """Every run of :func:`runs_roots`, one row each, bundled samples first.
 

@@ -27,12 +27,7 @@ st.caption(
     "that goes is what it learned. Below, how the upstream answers drifted during training."
 )
 
-runs = common.list_all_runs()
-readable = runs[runs["status"] != "damaged"]
-if readable.empty:
-    st.info("No readable runs found. The bundled samples live in "
-            f"`{common.bundled_runs_root()}`.")
-    st.stop()
+readable = common.readable_runs_or_stop()
 
 label_of = dict(zip(readable["path"], readable["id"]))
 method_of = dict(zip(readable["path"], readable["method"]))
@@ -40,7 +35,7 @@ options = readable["path"].tolist()
 
 
 def _default() -> str:
-    chosen = [p for p in common.selected_runs(runs) if p in label_of]
+    chosen = [p for p in common.selected_runs() if p in label_of]
     if chosen:
         return chosen[0]
     samples = readable[readable["root"] == "samples"]
@@ -95,7 +90,7 @@ else:
         st.dataframe(shown.sort_values("dU", ascending=False), hide_index=True)
 
 st.subheader("Output drift over training")
-others = [p for p in common.selected_runs(runs) if p in label_of and p != path]
+others = [p for p in common.selected_runs() if p in label_of and p != path]
 paths = st.multiselect("Runs", options, default=[path, *others][:4], format_func=_name,
                        help="kl_to_base: how far the answer distributions moved from the base "
                             "model's; the shares split the upstream examples by the form of "

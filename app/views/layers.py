@@ -46,12 +46,7 @@ with st.expander("What I, G and w mean", expanded=False):
         "from the pre-trained weights."
     )
 
-runs = common.list_all_runs()
-readable = runs[runs["status"] != "damaged"]
-if readable.empty:
-    st.info("No readable runs found. The bundled samples live in "
-            f"`{common.bundled_runs_root()}`.")
-    st.stop()
+readable = common.readable_runs_or_stop()
 
 label_of = dict(zip(readable["path"], readable["id"]))
 method_of = dict(zip(readable["path"], readable["method"]))
@@ -61,7 +56,7 @@ options = readable["path"].tolist()
 
 def _default_pair() -> list[str]:
     """The chosen runs (first two), else the SPIDER and full fine-tuning samples."""
-    chosen = [p for p in common.selected_runs(runs) if p in label_of]
+    chosen = [p for p in common.selected_runs() if p in label_of]
     if chosen:
         return chosen[:2]
     samples = readable[readable["root"] == "samples"]
