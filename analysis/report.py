@@ -161,6 +161,17 @@ def _table(frame: pd.DataFrame, digits: int = 3, text_columns: Sequence[str] = (
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+
+def html_head(title: str, css: str) -> list[str]:
+    """The opening of a self-contained page (the report, the handout): its title, its style
+    and plotly.js inline, so it opens offline; then the body's heading."""
+    from plotly.offline import get_plotlyjs
+
+    return ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>", f"<style>{css}</style>",
+            f'<script type="text/javascript">{get_plotlyjs()}</script>',
+            "</head><body>", f"<h1>{html.escape(title)}</h1>"]
+
 def _figure(fig) -> str:
     body = fig.to_html(full_html=False, include_plotlyjs=False,
                        default_height=f"{fig.layout.height or 480}px",
@@ -210,7 +221,6 @@ def render_report(runs: Iterable[Run | str | os.PathLike], title: str = "Spiders
     :func:`analysis.figures.run_colors` in the order given). The app passes its own, so that a
     run looks the same in the report as on its pages.
     """
-    from plotly.offline import get_plotlyjs
 
     runs = _as_runs(runs)
     labels = list(labels) if labels is not None else run_labels(runs)
@@ -224,11 +234,7 @@ def render_report(runs: Iterable[Run | str | os.PathLike], title: str = "Spiders
                  "each run's own step-0 scores (the base model, evaluated before training)")
 
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
-        f'<script type="text/javascript">{get_plotlyjs()}</script>',
-        "</head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        *html_head(title, _CSS),
         f'<p class="meta">{len(runs)} run(s); generated {generated} by '
         "<code>python -m analysis.report</code>.</p>",
         "<h2>Runs</h2>",

@@ -9,8 +9,10 @@ that needs it is first asked for:
   re-read by :meth:`Run.refresh`);
 * ``Run.metrics`` / ``train`` / ``summary`` — ``metrics.jsonl``, as tidy frames with the
   columns of :mod:`analysis.stats` (read once, then cached);
-* ``Run.layers`` — ``layers.jsonl`` (or, for a finished run with a large log, its columnar
-  ``layers.parquet``; both parsed in bulk) with parameter names parsed by
+* ``Run.layers`` — ``layers.jsonl`` and, for a large run while it writes, its Parquet parts
+  ``layers/part-*.parquet`` (or, once a large run has finished, the one columnar
+  ``layers.parquet``; all read in bulk, ``RunDir.read_layers_frame``) with parameter names
+  parsed by
   :func:`spider.naming.parse_param_name` once per name (read once, then cached);
 * ``Run.tensor(step, param, kind)`` — one tensor of one checkpoint, memory-mapped.
 

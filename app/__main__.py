@@ -4,6 +4,13 @@
 the first page waits for torch, pandas and plotly (seconds on a busy machine) after the URL
 is printed. Here they are imported before the server starts: once the URL appears, the first
 page is quick. Options are passed to ``streamlit run`` (e.g. ``--server.port 8502``).
+
+What the first page still waits for is mostly the browser, not this process (measured with
+``bench/bench_app.py``: about 0.5 s of the server's CPU in a first page of 4 s on a busy
+machine). Streamlit's frontend loads the code of an element kind the first time a page shows
+one: plotly.js, a 4.7 MB script, for the first chart; in Chromium on that machine one chart
+added ~2 s to a bare page's 1 s (the Learn page's ``st.dataframe`` as ``st.table`` changed
+nothing measurable: its grid loads while plotly.js does).
 """
 
 from __future__ import annotations
@@ -37,9 +44,33 @@ def warm_imports() -> float:
     # a method's parameters): one small worked example, the Learn page's own, pulls it in
     from analysis.worked_example import ExampleSettings, run_worked_example
 
-    run_worked_example(ExampleSettings(steps=1))
-
+    example = run_worked_example(ExampleSettings(steps=1))
+    _warm_figures(example)
     return time.perf_counter() - start
+
+
+def _warm_figures(example) -> None:
+    """Draw and serialise the Learn page's figures once, as ``st.plotly_chart`` does: plotly
+    imports each trace's and layout part's classes on first use (heatmap, shapes,
+    annotations, axis titles), and Streamlit imports ``plotly.tools`` and the JSON writer on
+    its first chart, ~40 modules the first page otherwise imports while the browser waits.
+    The icon names a page validates (``page_icon``, ``:material/...``) are imported too."""
+    import plotly.io
+    import plotly.tools  # noqa: F401  (st.plotly_chart imports it on its first chart)
+    import streamlit.emojis  # noqa: F401
+    import streamlit.material_icon_names  # noqa: F401
+
+    from analysis.figures.learn import Panel, example_history, matrix_grid, tie_scatter
+
+    last = example.last
+    figures = (
+        matrix_grid([[Panel("θ0", example.theta0, "signed", "theta0"),
+                      Panel("w", last.mask, "mask")]], marked=[(0, 0)], marked_label="tie"),
+        example_history(example.history, current_step=1),
+        tie_scatter(last.importance_pre, last.importance_ft, last.mask, marked=[(0, 0)]),
+    )
+    for figure in figures:
+        plotly.io.to_json(figure, validate=False)
 
 
 def main(argv: list[str] | None = None) -> None:

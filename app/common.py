@@ -20,6 +20,7 @@ Streamlit is imported here (and in the pages), never in ``analysis`` or ``spider
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -223,10 +224,12 @@ def _stat_key(path: Path) -> tuple[int, int]:
 
 def run_signature(path: str | os.PathLike) -> tuple:
     """What changes when a run writes anything a list or a page shows: the mtime and size of
-    run.json, metrics.jsonl, layers.jsonl and the checkpoints folder. Cheap (four ``stat``)."""
+    run.json, metrics.jsonl, layers.jsonl, the folder of a large run's statistics parts (a
+    part renamed in changes it) and the checkpoints folder. Cheap (five ``stat``)."""
     path = Path(path)
     return tuple(_stat_key(path / name) for name in (
-        rundir.RUN_FILE, rundir.METRICS_FILE, rundir.LAYERS_FILE, rundir.CHECKPOINTS))
+        rundir.RUN_FILE, rundir.METRICS_FILE, rundir.LAYERS_FILE, rundir.LAYERS_PARTS_DIR,
+        rundir.CHECKPOINTS))
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -284,27 +287,45 @@ def list_all_runs() -> pd.DataFrame:
     """
     from analysis import overview
 
-    frames = []
+    found, ids, where = [], [], []
     bundled = bundled_runs_root().resolve()
     bucket = int(time.time() // _RUNNING_RECHECK_S)
     seen: set[str] = set()
     for root in runs_roots():
         is_bundled = root.resolve() == bundled
         for folder in find_run_dirs(root):
-            signature = run_signature(folder)
             # a run that says "running" is re-read every few seconds (its process may be gone)
             recheck = bucket if _says_running(folder) else 0
-            row = _run_row(str(folder), signature, recheck).copy()
+            found.append((str(folder), run_signature(folder), recheck))
             rid = run_id(folder, root, is_bundled)
             while rid in seen:
                 rid += "'"
             seen.add(rid)
-            row.insert(0, "id", rid)
-            row.insert(1, "root", "samples" if is_bundled else "yours")
-            frames.append(row)
-    if not frames:
+            ids.append(rid)
+            where.append("samples" if is_bundled else "yours")
+    if not found:
         return pd.DataFrame(columns=["id", "root", *overview.OVERVIEW_COLUMNS])
-    return pd.concat(frames, ignore_index=True)
+    # Every page lists the runs on every rerun (twice: the URL sync and the page): with
+    # hundreds of runs, one cache lookup per run costs more than the page (issue 24). So the
+    # whole table is kept, keyed by every run's folder, signature and recheck, and only a
+    # change anywhere goes back to the per-run cache.
+    key = (tuple(found), tuple(ids), tuple(where))
+    table = _LISTINGS.get(key)
+    if table is None:
+        # the two columns added once to the whole table, not to each row
+        table = pd.concat([_run_row(*f) for f in found], ignore_index=True)
+        table.insert(0, "id", ids)
+        table.insert(1, "root", where)
+        with _LISTINGS_LOCK:  # sessions run in threads of one process
+            while len(_LISTINGS) >= 8:  # the latest few (several runs folders, sessions)
+                _LISTINGS.pop(next(iter(_LISTINGS)))
+            _LISTINGS[key] = table
+    return table.copy()
+
+
+# list_all_runs' whole tables, by key (insertion order: the oldest is dropped first)
+_LISTINGS: dict[tuple, pd.DataFrame] = {}
+_LISTINGS_LOCK = threading.Lock()
 
 
 def _says_running(folder: Path) -> bool:

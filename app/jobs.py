@@ -13,6 +13,7 @@ app or a shell see the same jobs::
         ended/NAME.json            how it ended: exit code, the last ``error:`` line
         cancel/NAME                a cancel request (time it was asked), for the kill deadline
         logs/NAME.log              the log until the runner has written NAME/run.json
+        launches/FIRST.json        the run names one Launch queued (shown together)
         timings/timing-*/          short timing runs the page made for an estimate
 
 A job of kind ``attribute`` (:func:`queue_attribution`) runs ``python -m analysis.attribute``
@@ -803,9 +804,43 @@ def launch(root: str | os.PathLike, runs: Sequence[dict[str, Any]],
         wanted = settings.pop("name", None) or default_name(
             settings.get("method", "spider"), str(settings.get("data", "builtin:counting")))
         jobs.append(enqueue(root, reserve_name(root, wanted), config_args(settings)))
+    _record_launch(root, [j.name for j in jobs])
     if start_supervisor:
         ensure_supervisor(root)
     return jobs
+
+
+def _record_launch(root: str | os.PathLike, names: Sequence[str]) -> None:
+    """Remember which runs one Launch queued (``launches/FIRST.json``), so that the Train
+    page shows them together, on one chart, from any tab and after a restart. Named by the
+    first run, whose name was reserved: no two launches share a file."""
+    if names:
+        _write_new(_sub(root, "launches") / f"{names[0]}.json",
+                   {"runs": list(names), "created": time.time()})
+
+
+def launch_groups(root: str | os.PathLike) -> dict[str, list[str]]:
+    """Run name -> the names of every run queued by the same Launch, in launch order
+    (itself included). Runs never launched together (one-run launches, runs made by the
+    command line) are not keys."""
+    groups: dict[str, list[str]] = {}
+    folder = queue_dir(root) / "launches"
+    paths = sorted(folder.glob("*.json"))  # records are written whole, once, never changed
+    version = tuple(p.name for p in paths)
+    known = _LAUNCH_GROUPS.get(str(folder))
+    if known and known[0] == version:  # the page asks every second: read the files once
+        return known[1]
+    for path in paths:
+        runs = (_read(path) or {}).get("runs")
+        names = [n for n in runs if valid_run_name(n)] if isinstance(runs, list) else []
+        if len(names) > 1:
+            for name in names:
+                groups.setdefault(name, names)
+    _LAUNCH_GROUPS[str(folder)] = (version, groups)
+    return groups
+
+
+_LAUNCH_GROUPS: dict[str, tuple[tuple[str, ...], dict[str, list[str]]]] = {}
 
 
 def resume(root: str | os.PathLike, name: str, start_supervisor: bool = True) -> Job:

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,19 +309,54 @@ def live_value_label(value: str) -> str:
     return label[:1].upper() + label[1:]
 
 
-def live_heatmap_title(value: str) -> str:
-    return f"{live_value_label(value)}, per layer, as statistics arrive"
+def live_heatmap_title(value: str, run: str = "") -> str:
+    return f"{live_value_label(value)}, per layer, as statistics arrive" + (
+        f" — {run}" if run else "")
 
 
 LIVE_HEATMAP_TITLE = live_heatmap_title("mask_density")
 
 
-def live_figures(watcher: RunWatch, snap: Snapshot, cache: dict) -> tuple:
-    """The live (loss, scores, layer heatmap of ``watcher.heatmap_value``) figures of a watched run, as light
-    figures (None where there is nothing yet). ``cache`` keeps them between refreshes, and
-    each is rebuilt only when its own lines came in: the loss at every step, the scores at
-    evaluations, the heatmap at logged steps. Rebuilding all three on every refresh of a
-    fast run costs ~45 ms; this keeps a refresh near the cost of the loss curve alone."""
+def _cached(cache: dict, name: str, key, empty: bool, build):
+    """``cache[name]``'s figure, rebuilt (as a light figure) only when ``key`` changed."""
+    if name not in cache or cache[name][0] != key:
+        cache[name] = (key, None if empty else light_figure(build()))
+    return cache[name][1]
+
+
+def live_curves(runs: Sequence[tuple[RunWatch, Snapshot]], cache: dict,
+                colors: Mapping[str, str] | None = None) -> tuple:
+    """The live (loss, scores) figures of several watched runs on one chart each, a colour
+    per run (``colors``: run name -> colour, as on Compare); None where nothing is logged
+    yet. Rebuilt only when some run's lines came in: the loss at every step, the scores at
+    evaluations (``cache`` keeps them between refreshes)."""
+    from analysis import explore
+    from analysis import figures as xfig
+
+    colors = dict(colors or {})
+    train = [snap.train for _, snap in runs if not snap.train.empty]
+    metrics = [snap.metrics for _, snap in runs if not snap.metrics.empty]
+    inodes = tuple(w.metrics_tail.inode for w, _ in runs)
+    palette = tuple(sorted(colors.items()))
+    loss_key = (inodes, tuple(len(s.train) for _, s in runs), palette)
+    score_key = (inodes, tuple(len(s.metrics) for _, s in runs),
+                 tuple(len(s.train) > 0 for _, s in runs), palette)
+
+    def frame(parts):
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+    loss = _cached(cache, "loss", loss_key, not train, lambda: xfig.compare_loss_curves(
+        explore.loss_curves_frame(frame(train)), colors or None))
+    scores = _cached(cache, "scores", score_key, not metrics, lambda: xfig.compare_score_curves(
+        explore.score_curves_frame(frame(metrics), frame(train) if train else runs[0][1].train),
+        colors or None))
+    return loss, scores
+
+
+def live_heatmap(watcher: RunWatch, snap: Snapshot, cache: dict, titled: bool = False):
+    """The layer heatmap of ``watcher.heatmap_value`` for one watched run (None before its
+    first logged statistics), rebuilt only when new statistics came; ``titled`` names the
+    run in the title (several runs are watched together)."""
     from analysis import explore
     from analysis import figures as xfig
 
@@ -330,19 +365,18 @@ def live_figures(watcher: RunWatch, snap: Snapshot, cache: dict) -> tuple:
     def heatmap():
         matrix = explore.layer_step_matrix(snap.layers, value)
         return xfig.layer_step_heatmap(matrix, value, explore.fitted_range(matrix[value]),
-                                       title=live_heatmap_title(value))
+                                       title=live_heatmap_title(
+                                           value, watcher.name if titled else ""))
 
-    inode = watcher.metrics_tail.inode
-    parts = {
-        "loss": ((inode, len(snap.train)), snap.train,
-                 lambda: xfig.compare_loss_curves(explore.loss_curves_frame(snap.train))),
-        "scores": ((inode, len(snap.metrics)), snap.metrics,
-                   lambda: xfig.compare_score_curves(
-                       explore.score_curves_frame(snap.metrics, snap.train))),
-        "heat": ((watcher.layers_tail.inode, watcher.layers_tail.offset, value), snap.layers,
-                 heatmap),
-    }
-    for name, (key, frame, build) in parts.items():
-        if name not in cache or cache[name][0] != key:
-            cache[name] = (key, None if frame.empty else light_figure(build()))
-    return tuple(cache[name][1] for name in parts)
+    key = (watcher.layers_tail.inode, watcher.layers_tail.offset, value, titled)
+    return _cached(cache, f"heat:{watcher.name}", key, snap.layers.empty, heatmap)
+
+
+def live_figures(watcher: RunWatch, snap: Snapshot, cache: dict) -> tuple:
+    """The live (loss, scores, layer heatmap of ``watcher.heatmap_value``) figures of one
+    watched run, as light figures (None where there is nothing yet). ``cache`` keeps them
+    between refreshes, and each is rebuilt only when its own lines came in: the loss at
+    every step, the scores at evaluations, the heatmap at logged steps. Rebuilding all
+    three on every refresh of a fast run costs ~45 ms; this keeps a refresh near the cost
+    of the loss curve alone."""
+    return (*live_curves([(watcher, snap)], cache), live_heatmap(watcher, snap, cache))

@@ -2,6 +2,7 @@
 Streamlit's AppTest.
 
     .venv/bin/python bench/bench_app.py [--repeat 5] [--server-only | --apptest-only]
+                                        [--runs 300]
 
 **Server** (what a person waits for; Chromium through Playwright): ``python -m app`` is
 started on a free port; **first page** = seconds from the moment it prints its URL to the
@@ -10,6 +11,11 @@ navigation link twice: **switch cold** (first visit: files read, figures built) 
 warm** (the second visit, from the caches). ``--launcher streamlit`` times a plain
 ``streamlit run app/streamlit_app.py`` instead (imports wait for the first browser).
 Targets: first page <= 3 s after the URL, every warm switch <= 1 s.
+
+**Many runs** (``--runs 300``, issue 24): both measurements with a user runs folder of that
+many runs beside the samples — hard-linked copies of sample runs (``bench_listing``'s
+generator, no data copied), cycling through several methods, every seventh one failed — so
+that Compare's filters, chooser and paged table are timed at that scale.
 
 **AppTest** (the script runner alone, no browser): **cold** = first render after every
 Streamlit cache is cleared, **warm** = median of ``--repeat`` further renders, **moved** =
@@ -31,6 +37,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PAGES = ("learn", "compare", "layers", "parameters", "forgetting", "train")
+# the sample runs the many-runs folder copies, in turn (methods and data differ between them)
+MANY_SOURCES = ("spider", "full", "lora", "hybrid", "l2", "magnitude_mask")
+# every seventh run failed: 7 is coprime with the 6 sources, so each method has failed runs
+FAILED_EVERY = 7
+
+
+def make_many_runs(root: Path, count: int, sources=MANY_SOURCES,
+                   failed_every: int = FAILED_EVERY) -> list[Path]:
+    """``count`` finished runs in ``root`` (``run-0000``...): hard links to the files of the
+    sample runs ``sources`` in turn, with their own run.json (the listing record written as
+    at the end of a run); every ``failed_every``-th says it failed. Same file system as the
+    samples (hard links)."""
+    import json
+
+    from bench.bench_listing import finished_copy, link_tree
+    from spider import rundir
+
+    samples = ROOT / "sample_checkpoints" / "runs"
+    templates = {}
+    made = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        if source not in templates:
+            templates[source] = finished_copy(samples / source, root / ".templates" / source)
+        target = root / f"run-{index:04d}"
+        link_tree(templates[source], target, copy=(rundir.RUN_FILE,))
+        if failed_every and index % failed_every == failed_every - 1:
+            info = json.loads((target / rundir.RUN_FILE).read_text())
+            info.update(status="failed", error="loss is not finite (made by bench_app)")
+            (target / rundir.RUN_FILE).write_text(json.dumps(info))
+        made.append(target)
+    return made
 
 
 def _move_compare(at, i: int) -> None:
@@ -109,7 +147,8 @@ def _cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def measure_server(launcher: str = "app", timeout: float = 300) -> dict:
+def measure_server(launcher: str = "app", timeout: float = 300,
+                   runs_dir: str | None = None) -> dict:
     """First page after the URL is printed, and each page switch cold and warm (seconds of
     wall time, ``*_s``, and of the server's CPU time, ``*_cpu``)."""
     import socket
@@ -127,7 +166,7 @@ def measure_server(launcher: str = "app", timeout: float = 300) -> dict:
     command = ([sys.executable, "-m", "app", *flags] if launcher == "app" else
                [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
                 *flags])
-    runs = tempfile.mkdtemp(prefix="bench-app-runs-")
+    runs = runs_dir or tempfile.mkdtemp(prefix="bench-app-runs-")
     env = dict(os.environ, SPIDERSCOPE_RUNS=runs, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     result: dict = {"launcher": launcher}
     with sync_playwright() as playwright:
@@ -203,10 +242,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--server-only", action="store_true", help="only the server timings")
     only.add_argument("--apptest-only", action="store_true", help="only the AppTest timings")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="also list this many runs (hard-linked copies of sample runs) "
+                             "in the user's runs folder")
     args = parser.parse_args(argv)
+    if args.runs:
+        import atexit
+        import shutil
+        import tempfile
+
+        many = Path(tempfile.mkdtemp(prefix="bench-app-many-"))
+        atexit.register(shutil.rmtree, many, ignore_errors=True)
+        make_many_runs(many, args.runs)
+        os.environ["SPIDERSCOPE_RUNS"] = str(many)
+        print(f"{args.runs} runs in {many} (and the {len(list((ROOT / 'sample_checkpoints' / 'runs').iterdir()))} samples)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if not args.apptest_only:
-        server = measure_server(args.launcher)
+        server = measure_server(args.launcher, runs_dir=os.environ.get("SPIDERSCOPE_RUNS")
+                                if args.runs else None)
         print_server(server)
         print(f"(Chromium 1280x720, {os.cpu_count()} CPUs, load average {load:.1f})\n")
         if args.server_only:

@@ -11,7 +11,9 @@ frozen, LLM + projector trained), batch 8 x (image tokens + 32 text tokens):
   3. a training step (forward, backward, clip, AdamW, hooks) against full fine-tuning:
      Dowser (goal <= 1.02x), LwF with theta0 swapped in, LwF with a frozen copy.
 
-Timings are medians of interleaved repeats (A, B, A, B, ...). On a CUDA machine the same runs
+Timings are interleaved round by round (every side once per round, the order reversed every
+other round); a step ratio is the median of the per-round ratios, with their interquartile
+range as the spread (``--sides`` narrows the run to some sides). On a CUDA machine the same runs
 there in bf16 (``--device cuda``), with memory also read from the allocator. Usage:
 ``python bench/bench_dowser_lwf.py [--repeats N] [--quick] [--device cpu|cuda]``.
 """
@@ -30,18 +32,31 @@ from bench._llava import freeze_vision, llava_from_configs, n_params, random_bat
 from spider.methods import build_method
 
 
-def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Per side, the times of ``repeats`` calls, run round by round (A, B, C, ... then the
+    reverse order the next round), so neighbouring calls of two sides see the same machine
+    state and neither side always runs right after the same other one."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns)
+    for i in range(repeats):
+        for name in (order if i % 2 == 0 else order[::-1]):
             sync()
             t = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(side: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Median and interquartile range (25th, 75th percentile) of the per-round ratios
+    ``side[i] / base[i]``: a load spike hits both calls of a round, so the ratio of a round
+    is steadier than the ratio of two medians."""
+    ratios = sorted(s / b for s, b in zip(side, base))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return statistics.median(ratios), q[0], q[-1]
 
 
 def _step_fn(model, method, optimizer, batch, autocast):
@@ -81,9 +96,11 @@ def kept_bytes(method) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per side")
+    parser.add_argument("--repeats", type=int, default=41, help="timed repeats per side")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sides", default="dowser,lwf-swap,lwf-copy",
+                        help="comma-separated sides timed against full fine-tuning")
     parser.add_argument("--weight-decay", type=float, default=0.0,
                         help="AdamW weight decay of every side (the project's default: 0)")
     args = parser.parse_args()
@@ -101,9 +118,13 @@ def main() -> None:
     print(f"device {device}{' ' + torch.cuda.get_device_name() if cuda else ''}, "
           f"{torch.get_num_threads()} threads")
 
+    labels = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = set(labels) - {"dowser", "lwf-swap", "lwf-copy"}
+    if unknown or not labels:
+        parser.error(f"--sides takes dowser, lwf-swap and lwf-copy, got {args.sides!r}")
     sides, kept, allocated = {}, {}, {}
     scoring = None
-    for label in ("full", "dowser", "lwf-swap", "lwf-copy"):
+    for label in ["full", *labels]:
         model = llava_from_configs(**size, dtype=dtype).to(device)
         freeze_vision(model)
         before = torch.cuda.memory_allocated() if cuda else 0
@@ -123,21 +144,25 @@ def main() -> None:
         batch = random_batch(model, batch=8, text_len=32, device=device, dtype=dtype)
         sides[label] = _step_fn(model, method, opt, batch, autocast)
     total = n_params(model)
-    times = _interleaved(sides, args.repeats, sync)
+    runs = _interleaved(sides, args.repeats, sync)
+    times = {k: statistics.median(v) for k, v in runs.items()}
     full = times["full"]
     opts = ", ".join(f"{k}={v}" for k, v in dowser_options.items()) or "defaults"
     print(f"model: {total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trained (LLM + projector)"
           f", AdamW weight decay {args.weight_decay:g}")
-    print(f"[dowser scoring] {scoring:.2f} s ({opts}) = {scoring / full:.0f} full-FT steps "
-          f"of {full * 1e3:.0f} ms")
-    for label in ("dowser", "lwf-swap", "lwf-copy"):
+    if scoring is not None:
+        print(f"[dowser scoring] {scoring:.2f} s ({opts}) = {scoring / full:.0f} full-FT steps "
+              f"of {full * 1e3:.0f} ms")
+    for label in labels:
         extra = (f", allocator {allocated[label] / trainable:.2f} B/param"
                  if allocated[label] is not None else "")
         print(f"[memory] {label}: {kept[label] / trainable:.3f} bytes per trained param kept "
               f"beyond full FT{extra}" + (" (goal <= 1.1)" if label == "dowser" else ""))
-    for label in ("dowser", "lwf-swap", "lwf-copy"):
-        print(f"[step] {label}: {times[label] * 1e3:.1f} ms vs full {full * 1e3:.1f} ms -> "
-              f"{times[label] / full:.3f}x" + (" (goal <= 1.02x)" if label == "dowser" else ""))
+    for label in labels:
+        ratio, low, high = paired_ratio(runs[label], runs["full"])
+        print(f"[step] {label}: {times[label] * 1e3:.1f} ms vs full {full * 1e3:.1f} ms "
+              f"(medians) -> per-round ratio median {ratio:.3f}x, IQR {low:.3f}-{high:.3f}x "
+              f"over {args.repeats} rounds" + (" (goal <= 1.02x)" if label == "dowser" else ""))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Prints what it measured:
   1. update alone: our ``after_optimizer_step`` vs the transcription on ~8.4M float32
-     parameters in 64 tensors (target <= 0.40x, aim 0.25x);
+     parameters in 64 tensors (target <= 0.40x, aim 0.15x), and the first update's
+     time (it compiles SPIDER's fused kernels, or loads them from inductor's cache);
   2. a whole training step (forward, backward, clip, AdamW, hook) of a ~7M-parameter
      LlavaForConditionalGeneration built from configs: SPIDER vs full fine-tuning
      (target <= 1.10x, aim 1.05x), and the transcription for reference;
@@ -10,8 +11,9 @@ Prints what it measured:
      parameter, aim 8), and for a bf16 model (theta0 kept in bf16);
   4. on a CUDA machine: the update's share of a step of a >=100M-parameter bf16 LLaVA.
 
-Timings are medians of interleaved repeats (A, B, A, B, ...), so both sides see the same
-machine state. Usage: ``python bench/bench_methods.py [--repeats N] [--quick]``.
+Timings are interleaved round by round (A, B, then B, A, ...), so both sides see the same
+machine state; ratios are given as the ratio of medians and as the median (and interquartile
+range) of the per-round ratios. Usage: ``python bench/bench_methods.py [--repeats N] [--quick]``.
 """
 
 from __future__ import annotations
@@ -27,18 +29,33 @@ from bench.spider_reference import ReferenceSpider
 from spider.methods import build_method
 
 
-def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+def _rounds(fns: dict, repeats: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Per side, the times of ``repeats`` calls, run round by round (every side once a
+    round, the order reversed every other round) after one warm-up call each."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns)
+    for i in range(repeats):
+        for name in (order if i % 2 == 0 else order[::-1]):
             sync()
             t = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in _rounds(fns, repeats, sync).items()}
+
+
+def paired_ratio(side: list[float], base: list[float]) -> str:
+    """Median of the per-round ratios ``side[i] / base[i]`` and their interquartile range:
+    a load spike hits both calls of a round, so per-round ratios are steadier."""
+    ratios = sorted(s / b for s, b in zip(side, base))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.3f}x (IQR {q[0]:.3f}-{q[-1]:.3f}x)"
 
 
 def kept_bytes(method) -> tuple[int, int]:
@@ -53,18 +70,34 @@ def bench_update(repeats: int, quick: bool) -> None:
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(torch.nn.Linear(shape[1], shape[0], bias=False) for _ in range(64))
     twin = torch.nn.ModuleList(torch.nn.Linear(shape[1], shape[0], bias=False) for _ in range(64))
+    triplet = torch.nn.ModuleList(torch.nn.Linear(shape[1], shape[0], bias=False)
+                                  for _ in range(64))
     twin.load_state_dict(layers.state_dict())
-    for m in (layers, twin):
+    triplet.load_state_dict(layers.state_dict())
+    for m in (layers, twin, triplet):
         for p in m.parameters():
             p.grad = torch.randn_like(p) * 1e-3
     ours = build_method("spider", layers)
+    fused = build_method("spider", triplet)
+    fused.fused = True  # the compiled kernels, whatever the device's default
     reference = ReferenceSpider(dict(twin.named_parameters()))
     n = n_params(layers)
-    t = _interleaved({"ours": ours.after_optimizer_step,
-                      "transcription": reference.after_optimizer_step}, repeats)
-    print(f"[update] {n / 1e6:.2f}M float32 params in 64 tensors: ours {t['ours'] * 1e3:.1f} ms, "
-          f"transcription {t['transcription'] * 1e3:.1f} ms, "
-          f"ratio {t['ours'] / t['transcription']:.2f}x (target <= 0.40x, aim 0.25x)")
+    start = time.perf_counter()
+    fused.after_optimizer_step()  # the first update compiles the kernels (or loads them)
+    first = time.perf_counter() - start
+    runs = _rounds({"ours": ours.after_optimizer_step, "fused": fused.after_optimizer_step,
+                    "transcription": reference.after_optimizer_step}, repeats)
+    t = {k: statistics.median(v) for k, v in runs.items()}
+    n_fused = sum(ours._fused(name) for name in ours.params)
+    print(f"[update] {n / 1e6:.2f}M float32 params in 64 tensors: ours ({n_fused} tensors "
+          f"compiled by default here) {t['ours'] * 1e3:.1f} ms, transcription "
+          f"{t['transcription'] * 1e3:.1f} ms, ratio of medians "
+          f"{t['ours'] / t['transcription']:.3f}x, per-round "
+          f"{paired_ratio(runs['ours'], runs['transcription'])} (target <= 0.40x, aim 0.15x)")
+    print(f"[update] compiled kernels forced on: {t['fused'] * 1e3:.1f} ms, per-round vs the "
+          f"transcription {paired_ratio(runs['fused'], runs['transcription'])}, vs ours "
+          f"{paired_ratio(runs['fused'], runs['ours'])}; first update (compile or cache load) "
+          f"{first:.1f} s")
     kept, work = kept_bytes(ours)
     print(f"[memory] float32: ours keeps {kept / n:.2f} bytes/param (theta0 + S) plus "
           f"{work / 1e6:.1f} MB of work buffers ({work / n:.2f} bytes/param here, sized by the "
@@ -121,7 +154,10 @@ def bench_step(repeats: int, quick: bool) -> None:
             method = build_method(label, model)
         sides[label] = _step_fn(model, method, opt, random_batch(model))
         total, trainable = n_params(model), n_params(model, trainable_only=True)
-    t = _interleaved(sides, repeats)
+    runs = _rounds(sides, repeats)
+    t = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"[step] per-round spider/full {paired_ratio(runs['spider'], runs['full'])}, "
+          f"transcription/full {paired_ratio(runs['transcription'], runs['full'])}")
     print(f"[step] LlavaForConditionalGeneration {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M "
           f"trainable: LLM + projector), batch 8 x 96 tokens, {threads} threads: "
           f"full {t['full'] * 1e3:.0f} ms, spider {t['spider'] * 1e3:.0f} ms "

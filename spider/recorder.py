@@ -3,9 +3,13 @@
 ``spider.train`` (through its hooks, ``spider.hooks``) and the Hugging Face callback
 (``spider.integrations.hf.SpiderCallback``) record a run through :class:`RunRecorder`:
 
-* :meth:`RunRecorder.write_statistics` — the ``layers.jsonl`` rows of a step: the method's
+* :meth:`RunRecorder.write_statistics` — the statistics rows of a step: the method's
   per-tensor statistics (``spider.statistics.METHOD_COLUMNS``) and the update norms the
-  recorder measures from the weights the run started from (``RUNNER_COLUMNS``);
+  recorder measures from the weights the run started from (``RUNNER_COLUMNS``), written at
+  once, one append per logged step (``RunDir.append_layers``: a line each in
+  ``layers.jsonl``, or for a large model one Parquet part ``layers/part-F-L.parquet``
+  renamed into place whole), so that a kill loses at most the step being written and a
+  reader sees every step written so far;
 * :meth:`RunRecorder.start` / :meth:`RunRecorder.resumed` — ``run.json`` of a new run (the
   fields every run has, :func:`run_info`, with the runner's own config) or of a resumed one;
 * :meth:`RunRecorder.done` — status ``done`` and the summary (U, D, H, E, F, O) computed from
@@ -141,9 +145,10 @@ class RunRecorder:
     def done(self, step: int | None = None) -> dict:
         """Status ``done``, the end time, the summary (when the log has the scores) and the
         listing record (``RunDir.listing_record``: the fingerprint of the files written, so
-        that ``list_runs`` lists the finished run from run.json alone); a large statistics
-        log is first compacted to Parquet (``RunDir.compact_layers``). Called after the
-        run's last write to its logs and checkpoints."""
+        that ``list_runs`` lists the finished run from run.json alone); the statistics of a
+        large run (its Parquet parts, or a large log) are first compacted into one
+        ``layers.parquet`` (``RunDir.compact_layers``). Called after the run's last write
+        to its logs and checkpoints."""
         if self.writes:
             summary = run_summary(self.run.read_events())
             changes: dict[str, Any] = {"status": DONE, "ended": time.time()}
@@ -155,10 +160,11 @@ class RunRecorder:
             self.info.update(**changes, **{LISTING_KEY: self.run.listing_record()})
         return self.info.info
 
-    # -- layers.jsonl
+    # -- the statistics (layers.jsonl, or Parquet parts for a large model)
     @torch.no_grad()
     def write_statistics(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
-        """The ``layers.jsonl`` rows of ``step`` (once per step)."""
+        """The statistics rows of ``step`` (once per step), on disk before returning: no
+        buffering, so a checkpoint written after them never lacks its step's rows."""
         if not self.measures or step in self.logged_steps:
             return
         rows = statistics_rows(step, stats, self.method.effective_weights(), self.theta0,

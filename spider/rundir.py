@@ -9,8 +9,12 @@ Layout::
     RUN/metrics.jsonl                  one event per line (TrainEvent, EvalEvent), appended;
                                        a torn last line from a killed run is ignored
     RUN/layers.jsonl                   per (step, parameter) statistics (StatisticsRow)
-    RUN/layers.parquet                 the same rows, columnar, in place of layers.jsonl once
-                                       a run whose log is large has finished (compact_layers)
+    RUN/layers/part-FFFFFFFFF-LLLLLLLLL.parquet
+                                       the same rows, columnar, for a large run while it
+                                       writes: one immutable part per logged step (steps F
+                                       to L), small parts merged as they pile up
+    RUN/layers.parquet                 all the rows, columnar, in place of layers.jsonl and
+                                       the parts once a large run has finished (compact_layers)
     RUN/drift_base.safetensors         the step-0 model's answer log-probabilities on the
                                        upstream evaluation examples (``spider.drift``)
     RUN/attribution.jsonl              scores with groups of updates reverted
@@ -40,9 +44,21 @@ only); the process record and heartbeat are :mod:`spider.liveness`'s.
 
 **At scale.** Logs are parsed in bulk (:func:`_jsonl_table`, ``pyarrow.json``), row by row
 only where that cannot take the file as it is (a torn or damaged line: the row reader names
-it). A finished run's large ``layers.jsonl`` becomes ``layers.parquet``
-(:meth:`RunDir.compact_layers`), and its ``run.json`` gets a listing record
-(:meth:`RunDir.listing_record`) that lets ``list_runs`` skip reading an unchanged run.
+it). The statistics of a large run (a logged step of at least :data:`LAYERS_PARTS_MIN_ROWS`
+rows, e.g. a 7B model's 290 tensors, or a ``layers.jsonl`` grown past
+:data:`LAYERS_PARQUET_MIN_BYTES`) are written as Parquet while the run writes: each append
+is one part file ``layers/part-F-L.parquet`` (rows of steps F..L), written whole under a
+temporary name and renamed into place, so a kill loses only the append under way and a
+reader never sees half a part. When :data:`LAYERS_PARTS_MERGE` small parts pile up at the
+end they are merged into one part covering their steps, renamed in before they are removed;
+readers take the parts no other part's step range contains (:func:`_current_parts`), so
+they see each row once at every moment. Small runs (the bundled samples) keep
+``layers.jsonl``, rows before the switch too. A finished run's rows (jsonl and parts)
+become one ``layers.parquet`` (:meth:`RunDir.compact_layers`), and its ``run.json`` gets a
+listing record (:meth:`RunDir.listing_record`) that lets ``list_runs`` skip reading an
+unchanged run. ``--resume`` at step k (:meth:`RunDir.truncate_layers`) drops the rows after
+k from every form: the log is rewritten, parts after k removed, a part straddling k
+rewritten (the new one renamed in first), a compacted file turned back into a part.
 
 **Lifecycle.** ``run.json``'s ``status`` is ``running`` while training, then ``done``,
 ``failed`` (with ``error``) or ``cancelled`` (SIGTERM or Ctrl-C; continue with ``--resume``).
@@ -90,6 +106,10 @@ METRICS_FILE = "metrics.jsonl"
 LAYERS_FILE = "layers.jsonl"
 LAYERS_PARQUET_FILE = "layers.parquet"  # a finished run's statistics, columnar (compacted)
 LAYERS_PARQUET_MIN_BYTES = 16 << 20  # layers.jsonl of at least this size is compacted
+LAYERS_PARTS_DIR = "layers"  # a large run's statistics while it writes: Parquet parts
+LAYERS_PARTS_MIN_ROWS = 128  # a step with this many rows (tensors) starts writing parts
+LAYERS_PARTS_MERGE = 32  # this many small trailing parts are merged into one
+_PARTS_MERGE_TIERS = (1 << 14, 1 << 20)  # "small": fewer rows than this (merged per tier)
 DRIFT_BASE_FILE = "drift_base.safetensors"  # the step-0 answer distributions (spider.drift)
 ATTRIBUTION_FILE = "attribution.jsonl"  # analysis.attribute: scores with updates reverted
 CHECKPOINTS = "checkpoints"
@@ -490,8 +510,8 @@ class RunDir:
             return (not self.run_file.exists() and self.path.is_dir()
                     and all(p.name.startswith(_TMP_PREFIX) for p in self.path.iterdir()))
         progress = info.get("progress") if isinstance(info.get("progress"), dict) else {}
-        known = {RUN_FILE, METRICS_FILE, LAYERS_FILE, LAYERS_PARQUET_FILE, DRIFT_BASE_FILE,
-                 CHECKPOINTS, RESUME}
+        known = {RUN_FILE, METRICS_FILE, LAYERS_FILE, LAYERS_PARQUET_FILE, LAYERS_PARTS_DIR,
+                 DRIFT_BASE_FILE, CHECKPOINTS, RESUME}
         return (effective_status(info) in (FAILED, CANCELLED, STOPPED_UNEXPECTEDLY)
                 and not progress.get("step") and not self.checkpoint_steps()
                 and not (self.resume_dir / CHECKPOINT_META).exists()
@@ -505,7 +525,7 @@ class RunDir:
         for name in (METRICS_FILE, LAYERS_FILE, LAYERS_PARQUET_FILE, DRIFT_BASE_FILE,
                      ATTRIBUTION_FILE, RUN_FILE):
             (self.path / name).unlink(missing_ok=True)
-        for name in (CHECKPOINTS, RESUME):
+        for name in (CHECKPOINTS, RESUME, LAYERS_PARTS_DIR):
             shutil.rmtree(self.path / name, ignore_errors=True)
         for stale in self.path.glob(_TMP_PREFIX + "*"):
             (shutil.rmtree if stale.is_dir() else os.unlink)(stale)
@@ -514,7 +534,7 @@ class RunDir:
         """Remove what interrupted writes left behind (``.tmp-*`` files and folders in the run
         folder and in ``checkpoints/``: a checkpoint or resume state cut short by a kill).
         Only while no process writes this run: a resume does it before writing."""
-        for folder in (self.path, self.checkpoints_dir):
+        for folder in (self.path, self.checkpoints_dir, self.layers_parts_dir):
             if folder.is_dir():
                 for stale in folder.glob(_TMP_PREFIX + "*"):
                     if stale.is_dir():
@@ -536,12 +556,56 @@ class RunDir:
         _truncate_jsonl(self.metrics_file, keep_through_step)
 
     def append_layers(self, rows: Iterable[StatisticsRow | dict]) -> None:
-        _append_jsonl(self.layers_file,
-                      (r.to_json() if isinstance(r, StatisticsRow) else r for r in rows))
+        """Append one logged step's statistics rows, on disk before returning: to
+        ``layers.jsonl``, or for a large run (see "At scale" above) as a new Parquet part,
+        merging the small parts at the end when enough have piled up."""
+        rows = [r.to_json() if isinstance(r, StatisticsRow) else dict(r) for r in rows]
+        if not rows:
+            return
+        if not self._writes_parts(len(rows)):
+            _append_jsonl(self.layers_file, rows)
+            return
+        steps = [int(r.get("step", 0)) for r in rows]
+        _write_part(self.layers_parts_dir, min(steps), max(steps), _rows_table(rows))
+        self._merge_parts()
+
+    def _writes_parts(self, rows: int) -> bool:
+        """Whether an append of ``rows`` rows goes to a Parquet part: once the run has parts
+        (a resumed run goes on as it wrote), for a step of many tensors, or once the log
+        is large. Rows before the switch stay in ``layers.jsonl``."""
+        if rows >= LAYERS_PARTS_MIN_ROWS or _list_parts(self.layers_parts_dir):
+            return True
+        try:
+            return self.layers_file.stat().st_size >= LAYERS_PARQUET_MIN_BYTES
+        except OSError:
+            return False
+
+    def _merge_parts(self) -> None:
+        """Merge the small parts at the end (fewer rows than a tier's limit) into one once
+        :data:`LAYERS_PARTS_MERGE` of them have piled up, so a long run has few files. The
+        merged part is renamed into place before the parts it covers are removed (readers
+        take the covering part meanwhile, :func:`_current_parts`); parts left covered by a
+        kill are removed here too."""
+        import pyarrow as pa
+
+        for part in _covered_parts(self.layers_parts_dir):
+            part.path.unlink(missing_ok=True)
+        for limit in _PARTS_MERGE_TIERS:
+            tail: list[_Part] = []
+            for part in reversed(_current_parts(self.layers_parts_dir)):
+                if part.rows() >= limit:
+                    break
+                tail.insert(0, part)
+            if len(tail) < LAYERS_PARTS_MERGE:
+                continue
+            table = pa.concat_tables([_read_part(p) for p in tail], promote_options="permissive")
+            _write_part(self.layers_parts_dir, tail[0].first, tail[-1].last, table)
+            for part in tail:
+                part.path.unlink(missing_ok=True)
 
     def read_layers(self) -> list[dict]:
         """Every statistics row, as a dict (see :meth:`read_layers_frame` for the frame)."""
-        if self.layers_parquet_file.exists():
+        if self.layers_parquet_file.exists() or _list_parts(self.layers_parts_dir):
             return self.read_layers_frame().to_dict("records")
         return _read_jsonl(self.layers_file)
 
@@ -549,56 +613,93 @@ class RunDir:
     def layers_parquet_file(self) -> Path:
         return self.path / LAYERS_PARQUET_FILE
 
+    @property
+    def layers_parts_dir(self) -> Path:
+        return self.path / LAYERS_PARTS_DIR
+
     def read_layers_frame(self):
         """The statistics rows as a ``pandas.DataFrame`` (one column per logged field, in
         the order they first appear; NaN where a row lacks one): from ``layers.parquet``
-        when the run's log was compacted (:meth:`compact_layers`), else from
-        ``layers.jsonl``, parsed in bulk (:func:`_read_jsonl_frame`) with the errors of
-        :meth:`read_layers`. Empty when the run logged none."""
+        when the run's rows were compacted (:meth:`compact_layers`), else ``layers.jsonl``
+        (parsed in bulk, :func:`_read_jsonl_frame`, with the errors of :meth:`read_layers`)
+        followed by the current Parquet parts. Empty when the run logged none. Safe while
+        the run writes: a part merged away between the listing and the read makes it look
+        again."""
         import pandas as pd
+        import pyarrow as pa
 
-        for _ in range(2):  # the log may be compacted between the two looks: look again
+        for attempt in range(8):
             if self.layers_parquet_file.exists():
                 return _read_parquet_frame(self.layers_parquet_file)
-            frame = _read_jsonl_frame(self.layers_file)
-            if frame is not None:
-                return frame
+            parts = _current_parts(self.layers_parts_dir)
+            try:
+                tables = [_read_part(p) for p in parts]
+            except FileNotFoundError:  # merged (or compacted) meanwhile: look again
+                if attempt == 7:
+                    raise UserError(f"{self.layers_parts_dir} changed under every read of "
+                                    "it; try again") from None
+                continue
+            log = _read_jsonl_table_or_frame(self.layers_file)
+            if log is None and self.layers_parquet_file.exists():
+                continue  # compacted since the first look: the log is gone, the file has all
+            if log is None and not tables:
+                return pd.DataFrame()
+            if log is None or isinstance(log, pa.Table):
+                if log is not None:
+                    tables.insert(0, log)
+                return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+            return pd.concat([log, *(t.to_pandas() for t in tables)], ignore_index=True)
         return pd.DataFrame()
 
     def layers_files(self) -> list[Path]:
-        """The files holding the run's statistics rows (none when it logged none)."""
-        return [f for f in (self.layers_parquet_file, self.layers_file) if f.is_file()][:1]
+        """The files holding the run's statistics rows (none when it logged none): the
+        compacted file alone, else the log and the current parts."""
+        if self.layers_parquet_file.is_file():
+            return [self.layers_parquet_file]
+        log = [self.layers_file] if self.layers_file.is_file() else []
+        return log + [p.path for p in _current_parts(self.layers_parts_dir)]
 
     def compact_layers(self, min_bytes: int | None = None) -> bool:
-        """Rewrite a finished run's ``layers.jsonl`` as ``layers.parquet`` (columnar, zstd:
-        about a sixth of the size, read in bulk) when it holds at least ``min_bytes``; the
-        run recorder calls it once the run's last row is written (``min_bytes`` None:
-        :data:`LAYERS_PARQUET_MIN_BYTES`). The Parquet file is
-        written whole under a temporary name and renamed into place before the log is
-        removed, so a kill leaves the log, or both (readers take the Parquet file), never
-        neither. A log the bulk parser cannot take as it is (damaged, mixed types) is left
-        as it is. True when compacted."""
+        """Rewrite a finished run's statistics (``layers.jsonl`` and the Parquet parts) as
+        one ``layers.parquet`` (columnar, zstd: about a sixth of the log's size, read in
+        bulk) when the run wrote parts or its log holds at least ``min_bytes`` (None:
+        :data:`LAYERS_PARQUET_MIN_BYTES`); the run recorder calls it once the run's last row
+        is written. The file is written whole under a temporary name and renamed into place
+        before the log and parts are removed, so a kill leaves the old files, or both
+        (readers take ``layers.parquet``), never neither. A log the bulk parser cannot take
+        as it is (damaged, mixed types) is left as it is, and so are the parts. True when
+        compacted."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
+        if self.layers_parquet_file.exists():
+            self._remove_compacted()  # what a kill after the rename left
+            return False
+        parts = _current_parts(self.layers_parts_dir)
         try:
             size = self.layers_file.stat().st_size
         except OSError:
+            size = None
+        if not parts and (size is None or size < (LAYERS_PARQUET_MIN_BYTES
+                                                  if min_bytes is None else min_bytes)):
             return False
-        if size < (LAYERS_PARQUET_MIN_BYTES if min_bytes is None else min_bytes):
+        try:
+            tables = [_read_part(p) for p in parts]
+        except (UserError, FileNotFoundError):  # damaged: kept as it is, the readers name it
             return False
-        table = _jsonl_table(self.layers_file)
-        if table is None:
-            return False
-        sink = pa.BufferOutputStream()
-        floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
-        # floats split by byte before zstd: a quarter smaller, and faster to read
-        pq.write_table(table, sink, compression="zstd", row_group_size=1 << 16,
-                       use_byte_stream_split=floats or False,
-                       use_dictionary=[f.name for f in table.schema if f.name not in floats])
-        atomic_write_bytes(self.layers_parquet_file, sink.getvalue().to_pybytes())
-        self.layers_file.unlink()
+        if size is not None:
+            table = _jsonl_table(self.layers_file)
+            if table is None:
+                return False
+            tables.insert(0, table)
+        table = pa.concat_tables(tables, promote_options="permissive")
+        atomic_write_bytes(self.layers_parquet_file, _parquet_bytes(table))
+        self._remove_compacted()
         return True
+
+    def _remove_compacted(self) -> None:
+        """Remove the log and parts ``layers.parquet`` holds (readers take that file)."""
+        self.layers_file.unlink(missing_ok=True)
+        shutil.rmtree(self.layers_parts_dir, ignore_errors=True)
 
     def tail_events(self) -> LogTail:
         """An incremental reader of ``metrics.jsonl`` (:class:`LogTail`)."""
@@ -646,12 +747,42 @@ class RunDir:
                 for r in _read_jsonl(self.attribution_file)]
 
     def tail_layers(self) -> LogTail:
-        """An incremental reader of ``layers.jsonl`` (:class:`LogTail`); once the run's log
-        is compacted (:meth:`compact_layers`), its rows are read from ``layers.parquet``."""
-        return _LayersTail(self.layers_file, self.layers_parquet_file)
+        """An incremental reader of the statistics (:class:`LogTail` of ``layers.jsonl``,
+        then the Parquet parts as they appear); once the run's rows are compacted
+        (:meth:`compact_layers`), they are read from ``layers.parquet``."""
+        return _LayersTail(self.layers_file, self.layers_parquet_file, self.layers_parts_dir)
 
     def truncate_layers(self, keep_through_step: int) -> None:
-        _truncate_jsonl(self.layers_file, keep_through_step)
+        """Keep only the statistics rows up to ``keep_through_step`` (a resumed run writes
+        the rest again), in every form they are in; only while no process writes the run.
+        Each rewrite is renamed into place before what it replaces is removed: a kill here
+        loses no kept row, and the resume after it does the rest."""
+        k = keep_through_step
+        if self.layers_parquet_file.exists():
+            # compacted, and yet resumed (killed after the compaction, before the run's end
+            # was recorded): its rows become a part again, so that new rows follow them
+            self._remove_compacted()
+            table = _read_part(_Part(self.layers_parquet_file, 0, 0))
+            self._write_kept(table, k)
+            self.layers_parquet_file.unlink()
+        _truncate_jsonl(self.layers_file, k)
+        for part in _covered_parts(self.layers_parts_dir):
+            part.path.unlink(missing_ok=True)
+        for part in _current_parts(self.layers_parts_dir):
+            if part.first > k:
+                part.path.unlink()
+            elif part.last > k:
+                self._write_kept(_read_part(part), k)
+                part.path.unlink()
+
+    def _write_kept(self, table, keep_through_step: int) -> None:
+        """``table``'s rows up to ``keep_through_step`` as a part (none when none is)."""
+        import pyarrow.compute as pc
+
+        kept = table.filter(pc.less_equal(table["step"], keep_through_step))
+        if len(kept):
+            steps = kept["step"].to_pylist()
+            _write_part(self.layers_parts_dir, min(steps), max(steps), kept)
 
     # -- the listing record: what ``list_runs`` may take from run.json without the logs
     def files_fingerprint(self) -> dict[str, list[int]]:
@@ -664,6 +795,12 @@ class RunDir:
             except OSError:
                 continue
             found[name] = [st.st_size, st.st_mtime_ns]
+        for part in _list_parts(self.layers_parts_dir):
+            try:
+                st = part.path.stat()
+            except OSError:
+                continue
+            found[f"{LAYERS_PARTS_DIR}/{part.path.name}"] = [st.st_size, st.st_mtime_ns]
         for folder in _scandir(self.checkpoints_dir):
             if not folder.name.startswith(STEP_PREFIX) or not folder.is_dir():
                 continue
@@ -744,6 +881,11 @@ class RunDir:
             raise UserError(f"checkpoint metadata {path} is malformed ({err})") from None
 
     def remove_checkpoints_after(self, step: int) -> None:
+        """Remove the checkpoints after ``step`` (what ``--resume`` at ``step`` rewrites), and
+        the ``attribution.jsonl`` rows that scored them: the checkpoints the new steps write
+        are other weights. The rows go first, so a kill in between leaves no row without its
+        checkpoint."""
+        _truncate_jsonl(self.attribution_file, step)
         for s in self.checkpoint_steps():
             if s > step:
                 # renamed away first, so a reader sees the whole folder or none of it
@@ -939,6 +1081,14 @@ def _read_jsonl_frame(path: Path):
     """A JSON-lines log as a ``pandas.DataFrame``: in bulk (:func:`_jsonl_table`) when it
     can be, else row by row through :func:`_read_jsonl`, so that damage is reported exactly
     as there. Both give the same frame. None when the file does not exist."""
+    read = _read_jsonl_table_or_frame(path)
+    return read.to_pandas() if hasattr(read, "to_pandas") else read  # a pyarrow.Table
+
+
+def _read_jsonl_table_or_frame(path: Path):
+    """``layers.jsonl`` as a ``pyarrow.Table`` when the bulk parser takes it, else as the
+    row reader's ``pandas.DataFrame`` (naming damage as :func:`_read_jsonl` does); None when
+    the file does not exist."""
     import pandas as pd
 
     try:
@@ -948,24 +1098,131 @@ def _read_jsonl_frame(path: Path):
     except OSError as err:
         raise UserError(f"{path} cannot be read ({err.__class__.__name__})") from None
     table = _jsonl_table(path, data)
-    if table is not None:
-        return table.to_pandas()
-    return pd.DataFrame.from_records(_read_jsonl(path))
+    return table if table is not None else pd.DataFrame.from_records(_read_jsonl(path))
+
+
+def _read_parquet_table(path: Path):
+    """A Parquet file as a ``pyarrow.Table``; a damaged or unreadable one is a ``UserError``
+    naming it. ``FileNotFoundError`` passes (a part merged away: the reader looks again)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # pyarrow raises several kinds for a damaged file
+        raise UserError(f"{path} is damaged or not Parquet "
+                        f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
+                        ) from None
 
 
 def _read_parquet_frame(path: Path):
     """A Parquet file as a ``pandas.DataFrame``; a damaged or unreadable one is a
     ``UserError`` naming it."""
-    import pyarrow.parquet as pq
-
     try:
-        return pq.read_table(path).to_pandas()
+        return _read_parquet_table(path).to_pandas()
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
-    except Exception as err:  # pyarrow raises several kinds for a damaged file
-        raise UserError(f"{path} is damaged or not Parquet "
-                        f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
-                        ) from None
+
+
+# ------------------------------------------------------------------------- statistics parts
+_PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
+_part_rows_cache: dict[tuple[str, int, int], int] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One Parquet part of a run's statistics: the rows of steps ``first`` to ``last``."""
+
+    path: Path
+    first: int
+    last: int
+
+    def rows(self) -> int:
+        """How many rows it holds (its footer, read once per file version)."""
+        import pyarrow.parquet as pq
+
+        st = self.path.stat()
+        key = (str(self.path), st.st_ino, st.st_mtime_ns)
+        if key not in _part_rows_cache:
+            try:
+                _part_rows_cache[key] = pq.read_metadata(self.path).num_rows
+            except Exception:  # damaged: never merged, the readers name it
+                _part_rows_cache[key] = 1 << 62
+        return _part_rows_cache[key]
+
+
+def part_name(first: int, last: int) -> str:
+    return f"{_PART_PREFIX}{first:09d}-{last:09d}{_PART_SUFFIX}"
+
+
+def _list_parts(folder: Path) -> list[_Part]:
+    """Every complete part in ``folder`` (temporary names and other files are not parts),
+    by first step, the widest first."""
+    parts = []
+    for entry in _scandir(folder):
+        name = entry.name
+        if not (name.startswith(_PART_PREFIX) and name.endswith(_PART_SUFFIX)):
+            continue
+        first, sep, last = name[len(_PART_PREFIX):-len(_PART_SUFFIX)].partition("-")
+        if sep and first.isdigit() and last.isdigit() and int(first) <= int(last):
+            parts.append(_Part(Path(entry.path), int(first), int(last)))
+    return sorted(parts, key=lambda p: (p.first, -p.last))
+
+
+def _split_parts(folder: Path) -> tuple[list[_Part], list[_Part]]:
+    """``(current, covered)``: the parts whose steps no other part's range contains, and
+    the others (merged into a part that covers them, and not yet removed)."""
+    current: list[_Part] = []
+    covered: list[_Part] = []
+    for part in _list_parts(folder):  # a covering part sorts before the parts it covers
+        if current and current[-1].first <= part.first and part.last <= current[-1].last:
+            covered.append(part)
+        else:
+            current.append(part)
+    return current, covered
+
+
+def _current_parts(folder: Path) -> list[_Part]:
+    return _split_parts(folder)[0]
+
+
+def _covered_parts(folder: Path) -> list[_Part]:
+    return _split_parts(folder)[1]
+
+
+def _read_part(part: _Part):
+    return _read_parquet_table(part.path)
+
+
+def _rows_table(rows: list[dict]):
+    """Statistics rows (dicts) as a ``pyarrow.Table``: one column per field, in the order
+    they first appear (null where a row lacks one)."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({k: [r.get(k) for r in rows] for k in names})
+
+
+def _parquet_bytes(table) -> bytes:
+    """``table`` as a Parquet file: zstd, floats split by byte before compression (a quarter
+    smaller, and faster to read), dictionaries for the rest (parameter names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    pq.write_table(table, sink, compression="zstd", row_group_size=1 << 16,
+                   use_byte_stream_split=floats or False,
+                   use_dictionary=[f.name for f in table.schema if f.name not in floats])
+    return sink.getvalue().to_pybytes()
+
+
+def _write_part(folder: Path, first: int, last: int, table) -> Path:
+    """Write ``table`` as the part of steps ``first`` to ``last``, whole or not at all."""
+    path = folder / part_name(first, last)
+    atomic_write_bytes(path, _parquet_bytes(table))
+    return path
 
 
 def read_since(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
@@ -1022,25 +1279,82 @@ class LogTail:
 
 
 class _LayersTail(LogTail):
-    """:class:`LogTail` of ``layers.jsonl`` that, when the log has been compacted to
-    ``layers.parquet`` (and removed), takes the rows from the Parquet file once."""
+    """Incremental reader of a run's statistics: :class:`LogTail` of ``layers.jsonl``, then
+    the rows of the Parquet parts as they appear (rows of steps after the last one read: a
+    merged part adds only what the parts it covers did not); once the rows are compacted
+    to ``layers.parquet``, that file's rows, once. A part read before that vanished without
+    a part covering it (a resume dropped its steps) makes it read everything again.
+    :attr:`rows` holds the log's rows, then the parts'; ``(inode, offset)`` changes
+    whenever they do."""
 
-    def __init__(self, path: Path, parquet: Path):
+    def __init__(self, path: Path, parquet: Path, parts_dir: Path):
         super().__init__(path)
-        self.parquet = parquet
+        self.parquet, self.parts_dir = parquet, parts_dir
+        self.log = LogTail(path)
         self.compacted = False
+        self.part_rows: list[dict] = []
+        self.ranges: list[tuple[int, int]] = []  # of the current parts at the last read
+        self.last_step: int | None = None
+        self.generation = 0
+
+    def _restart(self) -> None:
+        self.log = LogTail(self.path)
+        self.part_rows, self.ranges, self.last_step = [], [], None
+        self.compacted = False
+        self.generation += 1
 
     def read(self) -> bool:
-        if self.compacted:
-            return False
-        if not self.path.exists() and self.parquet.exists():
+        if self.parquet.exists():
+            if self.compacted:
+                return False
             try:
-                self.rows = _read_parquet_frame(self.parquet).to_dict("records")
+                rows = _read_parquet_frame(self.parquet).to_dict("records")
             except UserError:  # damaged: the analysis pages name it
                 return False
-            self.compacted, self.offset, self.inode = True, 0, None
-            return True
-        return super().read()
+            self._restart()
+            self.compacted, self.part_rows = True, rows
+            return self._publish(True)
+        if self.compacted:  # a resume turned the compacted file back into a log and parts
+            self._restart()
+        changed = self.log.read()
+        try:
+            changed = self._read_parts() or changed
+        except UserError:  # a damaged part: the analysis pages name it
+            pass
+        return self._publish(changed)
+
+    def _read_parts(self) -> bool:
+        for _ in range(8):
+            current = _current_parts(self.parts_dir)
+            ranges = [(p.first, p.last) for p in current]
+            if ranges == self.ranges:
+                return False
+            restarted = any(not any(f <= a and b <= g for f, g in ranges)
+                            for a, b in self.ranges)
+            if restarted:
+                self.part_rows, self.ranges, self.last_step = [], [], None
+                self.generation += 1
+            last = self.last_step
+            try:
+                tables = [(p, _read_part(p)) for p in current if last is None or p.last > last]
+            except FileNotFoundError:  # merged meanwhile: look again
+                continue
+            before = len(self.part_rows)
+            for _part, table in tables:
+                rows = table.to_pylist()
+                self.part_rows.extend(r for r in rows if last is None or r["step"] > last)
+            if tables:
+                self.last_step = max(p.last for p, _ in tables)
+            self.ranges = ranges
+            return restarted or len(self.part_rows) != before  # a merge alone adds nothing
+        return False
+
+    def _publish(self, changed: bool) -> bool:
+        if changed:
+            self.rows = self.log.rows + self.part_rows
+        self.inode = (self.log.inode, self.generation)
+        self.offset = self.log.offset + len(self.part_rows)
+        return changed
 
 
 def _truncate_jsonl(path: Path, keep_through_step: int) -> None:

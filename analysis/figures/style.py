@@ -13,6 +13,7 @@ the JSON budget.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -181,3 +182,200 @@ def _clip(domain: list[float]) -> list[float]:
 
 def _ref(kind: str, index: int) -> str:
     return f"{kind}{index if index > 1 else ''}"
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation mode (issue 25): large text, laid out for the width a projector gives
+# --------------------------------------------------------------------------------------------
+
+PRESENTATION_FONT = 16
+"""The smallest chart text in presentation mode, in px: what reads from the back of a room."""
+PRESENTATION_TITLE_FONT = 20
+PRESENTATION_WIDTH = 780
+"""The narrowest a chart gets in presentation mode, in CSS px: a 1280 px projector at 150 %
+browser zoom is 853 px wide, less the page's margins; side-by-side charts stack there."""
+_CHAR_WIDTH = 0.58
+"""A character's average advance, in ems, of plotly's default sans-serif (a little over, so
+that a line wrapped to fit really fits)."""
+
+
+def _wrap(text: str, width_px: float, font_px: float) -> str:
+    """``text`` with ``<br>`` between words so that no line is wider than ``width_px`` (a
+    word longer than a line keeps its own line). Existing ``<br>`` are kept; a ``<sup>`` or
+    ``<sub>`` part (plotly draws it at 70 %, under the smallest size) becomes
+    :data:`PRESENTATION_FONT` px text."""
+    text = re.sub(r"<(sup|sub)>(.*?)</\1>",
+                  rf'<span style="font-size:{PRESENTATION_FONT}px">\2</span>', str(text))
+    limit = max(8, int(width_px / (_CHAR_WIDTH * font_px)))
+    lines: list[str] = []
+    for part in str(text).split("<br>"):
+        line = ""
+        for word in re.findall(r"(?:<[^>]*>|[^ <])+", part):  # a tag is never split
+            visible = len(re.sub(r"<[^>]+>", "", line + " " + word))
+            if line and visible > limit:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
+
+
+PRESENTATION_TEXT_COLOR = "#262730"
+"""Chart text in presentation mode: near black (the theme's light grey fades on a projector)."""
+
+
+def _bigger(font: dict | None, size: int = PRESENTATION_FONT) -> dict:
+    """``font`` at least ``size`` px, near black unless it has a colour of its own."""
+    font = dict(font or {})
+    font["size"] = max(float(font.get("size") or 0), size)
+    font.setdefault("color", PRESENTATION_TEXT_COLOR)
+    return font
+
+
+def _domain_width(layout: dict, x: float) -> float:
+    """The share of the plot's width of the x axis whose domain holds ``x`` (paper units);
+    1 when none does."""
+    best = 1.0
+    for name, axis in layout.items():
+        if re.fullmatch(r"xaxis\d*", name) and isinstance(axis, dict):
+            lo, hi = axis.get("domain", [0.0, 1.0])
+            if lo - 1e-6 <= x <= hi + 1e-6:
+                best = min(best, hi - lo)
+    return best
+
+
+def presentation_layout(fig: go.Figure, width: float = PRESENTATION_WIDTH) -> go.Figure:
+    """A copy of ``fig`` for a projector, laid out for a chart ``width`` CSS px wide:
+
+    * every text at least :data:`PRESENTATION_FONT` px (ticks, axis and legend titles,
+      legends, annotations, colour bars, text in cells and on markers, contour labels), the
+      title at least :data:`PRESENTATION_TITLE_FONT`;
+    * titles, panel titles and axis titles wrapped at word breaks to the width they get;
+    * margins grown by plotly to hold tick labels, titles, legends and colour bars
+      (``automargin``), the legend laid out horizontally under the plot, where it wraps
+      instead of running off the right edge;
+    * taller by the text that grew, so that panels keep their room.
+    """
+    data = fig.to_dict()
+    layout = data.setdefault("layout", {})
+    plot_width = max(width - 120, 200)  # less the margins plotly keeps for labels
+    layout["font"] = _bigger(layout.get("font"))
+    title = layout.get("title")
+    if isinstance(title, str):
+        title = {"text": title}
+    if title and title.get("text"):
+        title["font"] = _bigger(title.get("font"), PRESENTATION_TITLE_FONT)
+        title["text"] = _wrap(title["text"], width - 40, PRESENTATION_TITLE_FONT)
+        # at the top of the figure, pushing the plot down by its own height: plotly's
+        # default place for a title of several lines runs off the top, and even anchored
+        # at the top it is placed too high by about half a line per line after the first
+        lines = title["text"].count("<br>")
+        title.update(automargin=True, yref="container", y=1, yanchor="top",
+                     pad={"t": 8 + lines * PRESENTATION_TITLE_FONT * 0.7, "b": 8})
+        layout["title"] = title
+    axes = [k for k, v in layout.items() if re.fullmatch(r"[xy]axis\d*", k) and isinstance(v, dict)]
+    for name in axes:
+        axis = layout[name]
+        axis["tickfont"] = _bigger(axis.get("tickfont"))
+        axis["automargin"] = True
+        axis_title = axis.get("title")
+        if isinstance(axis_title, str):
+            axis_title = {"text": axis_title}
+        if axis_title and axis_title.get("text"):
+            axis_title["font"] = _bigger(axis_title.get("font"))
+            lo, hi = axis.get("domain", [0.0, 1.0])
+            along = plot_width if name.startswith("x") else float(layout.get("height") or 450) - 100
+            axis_title["text"] = _wrap(axis_title["text"], max(along * (hi - lo), 80),
+                                       PRESENTATION_FONT)
+            axis["title"] = axis_title
+    if not axes:  # a figure without explicit axes still gets the big ticks plotly draws
+        for name in ("xaxis", "yaxis"):
+            layout[name] = {"tickfont": _bigger(None), "automargin": True}
+    above = 0  # lines of annotations over the plot area (panel titles), which plotly's
+    # margins do not make room for
+    for annotation in layout.get("annotations", []) or []:
+        annotation["font"] = _bigger(annotation.get("font"))
+        if not annotation.get("text"):
+            continue
+        xref, yref = annotation.get("xref", "x"), annotation.get("yref", "y")
+        if xref == "paper":
+            share = _domain_width(layout, float(annotation.get("x", 0.5) or 0.0))
+        elif xref.endswith(" domain"):  # placed in one panel: as wide as the panel
+            lo, hi = (layout.get(_axis_name("x", int(xref[1:-7] or 1))) or {}).get(
+                "domain", [0.0, 1.0])
+            share = hi - lo
+        else:  # placed at a data point: wrapped to a third of the plot
+            share = 1 / 3
+        annotation["text"] = _wrap(annotation["text"], max(plot_width * share, 80),
+                                   PRESENTATION_FONT)
+        y = float(annotation.get("y") or 0)
+        if yref.endswith(" domain"):
+            lo, hi = (layout.get(_axis_name("y", int(yref[1:-7] or 1))) or {}).get(
+                "domain", [0.0, 1.0])
+            y = lo + y * (hi - lo)
+        if (yref == "paper" or yref.endswith(" domain")) and y >= 0.99 and annotation.get(
+                "yanchor", "auto") in ("bottom", "auto"):
+            above = max(above, annotation["text"].count("<br>") + 1)
+    legend = dict(layout.get("legend") or {})
+    legend["font"] = _bigger(legend.get("font"))
+    if isinstance(legend.get("title"), dict) and legend["title"].get("text"):
+        legend["title"]["font"] = _bigger(legend["title"].get("font"))
+    # under the plot, at the bottom of the whole figure (clear of the x axes' titles), and
+    # as wide as the figure, so entries wrap instead of leaving it
+    legend.update(orientation="h", x=0, xanchor="left", xref="container",
+                  y=0, yanchor="bottom", yref="container")
+    legend.pop("entrywidth", None)
+    layout["legend"] = legend
+    layout["hoverlabel"] = {**(layout.get("hoverlabel") or {}),
+                            "font": _bigger((layout.get("hoverlabel") or {}).get("font"))}
+    for name, value in layout.items():  # coloraxis colour bars
+        if re.fullmatch(r"coloraxis\d*", name) and isinstance(value, dict):
+            value["colorbar"] = _presentation_colorbar(value.get("colorbar"))
+    legend_shown = False
+    for trace in data.get("data", []):
+        for part in ("textfont", "insidetextfont", "outsidetextfont"):
+            if part in trace or (part == "textfont" and (trace.get("text") is not None
+                                                           or trace.get("texttemplate"))):
+                trace[part] = _bigger(trace.get(part))
+        if "colorbar" in trace or trace.get("showscale", trace.get("type") in (
+                "heatmap", "contour", "histogram2d")) is True:
+            trace["colorbar"] = _presentation_colorbar(trace.get("colorbar"))
+        marker = trace.get("marker")
+        if isinstance(marker, dict) and "colorbar" in marker:
+            marker["colorbar"] = _presentation_colorbar(marker["colorbar"])
+        contours = trace.get("contours")
+        if isinstance(contours, dict) and contours.get("showlabels"):
+            contours["labelfont"] = _bigger(contours.get("labelfont"))
+        if trace.get("showlegend", True) is not False and trace.get("name"):
+            legend_shown = True
+    margin = dict(layout.get("margin") or {})
+    margin["autoexpand"] = True
+    title_lines = title["text"].count("<br>") + 1 if title and title.get("text") else 0
+    line = 1.3  # a line of text is about 1.3 font sizes high
+    margin["t"] = max(int(margin.get("t", 60) or 0),
+                      int(title_lines * PRESENTATION_TITLE_FONT * (line + 0.7) + 16
+                          + above * PRESENTATION_FONT * line + 8))
+    margin["b"] = max(int(margin.get("b", 40) or 0), 40)
+    layout["margin"] = margin
+    # the text grew by a third: the figure grows by a quarter, and a legend under it adds
+    # its rows
+    height = float(layout.get("height") or 450)
+    legend_rows = 60 if legend_shown and layout.get("showlegend", True) is not False else 0
+    layout["height"] = int(height * 1.25 + legend_rows)
+    return go.Figure(data)
+
+
+def _presentation_colorbar(colorbar: dict | None) -> dict:
+    bar = dict(colorbar or {})
+    bar["tickfont"] = _bigger(bar.get("tickfont"))
+    # room around the bar, for its title grown in size (plotly's margins leave a horizontal
+    # bar under the plot a pixel or two short)
+    bar["ypad"] = max(float(bar.get("ypad") or 10), 16)
+    bar_title = bar.get("title")
+    if isinstance(bar_title, str):
+        bar_title = {"text": bar_title}
+    if bar_title:
+        bar_title["font"] = _bigger(bar_title.get("font"))
+        bar["title"] = bar_title
+    return bar

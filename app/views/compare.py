@@ -1,5 +1,9 @@
 """Compare: runs side by side — how much each kept (upstream) and learned (downstream).
 
+Hundreds of runs stay usable (issue 24): filters by method, status, data and name narrow
+the chooser and the runs table, and the table is paged. Every view setting is in the page
+address (``bind="query-params"``), so a reload or a shared link shows the same view.
+
 Thin page: the runs table comes from ``app.common.list_all_runs`` (no tensors read), the
 curves and cells from ``analysis.explore``, the figures from ``analysis.figures`` (the same
 functions the HTML report draws with).
@@ -12,7 +16,7 @@ import streamlit as st
 
 from analysis import explore
 from analysis import figures as fig
-from app import common
+from app import common, presentation
 
 # First visit: these sample runs are chosen (SPIDER against the baselines that tell most);
 # the others are a click away in the table and the chooser.
@@ -23,8 +27,35 @@ _TABLE_COLUMNS = {
     "evaluated_on": "D measured on", "E": "E", "F": "F", "O": "O", "steps": "steps",
     "options": "options", "data": "data",
 }
+# the score columns' headers: the letter (as the captions, the report and the CSV name it)
+# and its word, so that the table reads without the legend
+_SCORE_WORDS = {
+    "U": ("U upstream", "upstream score: pre-training ability kept, 0–1"),
+    "D": ("D downstream", "downstream score: the new task, 0–1"),
+    "H": ("H balance", "H = 2UD/(U+D): high only when both U and D are"),
+    "E": ("E task gained", "E = D − D at step 0: the task gained"),
+    "F": ("F upstream change", "F = U − U at step 0: negative = forgotten"),
+    "O": ("O overall", "O = E + F: the task gained plus the upstream change"),
+}
 # methods that change the weights once, after the last training step (Method.finalize)
 _POST_HOC = ("wise_ft", "dare", "tailor")
+# rows of the runs table at a time: with hundreds of runs the table is paged (issue 24), so
+# a page stays quick to send and to read
+TABLE_PAGE_ROWS = 50
+
+
+def filter_runs(runs: pd.DataFrame, methods=(), statuses=(), data=(), text: str = ""
+                ) -> pd.DataFrame:
+    """The rows of ``runs`` with one of ``methods``, ``statuses`` and ``data`` (an empty
+    choice keeps all) whose id or name holds every word of ``text`` (case ignored)."""
+    keep = pd.Series(True, index=runs.index)
+    for column, wanted in (("method", methods), ("status", statuses), ("data", data)):
+        if wanted:
+            keep &= runs[column].astype(str).isin([str(w) for w in wanted])
+    names = (runs["id"] + " " + runs["name"]).str.lower()
+    for word in text.lower().split():
+        keep &= names.str.contains(word, regex=False)
+    return runs[keep]
 
 
 def _text_width(values, title: str) -> int:
@@ -65,6 +96,23 @@ def _default_selection() -> list[str]:
 
 selected = common.selected_runs(runs, default=_default_selection())
 
+# ----------------------------------------------------------------------------- find runs
+# Filters narrow the chooser and the table (hundreds of runs, issue 24); they sit in the
+# page address like every view setting here (bind="query-params"), so a link shows the same.
+_STATUS_ORDER = [*common.STATUS_COLORS, *sorted(set(runs["status"]) - set(common.STATUS_COLORS))]
+f1, f2, f3, f4 = st.columns([2, 2, 2, 3])
+want_methods = f1.multiselect("Method", sorted(runs["method"].unique()), key="compare_method",
+                              bind="query-params", placeholder="any method")
+want_status = f2.multiselect("Status", [s for s in _STATUS_ORDER if s in set(runs["status"])],
+                             key="compare_status", bind="query-params",
+                             placeholder="any status")
+want_data = f3.multiselect("Data", sorted(runs["data"].dropna().astype(str).unique()),
+                           key="compare_data", bind="query-params", placeholder="any data")
+want_text = f4.text_input("Name contains", key="compare_search", bind="query-params",
+                          placeholder="words of the run's name",
+                          help="Every word must occur in the run's name (case ignored).")
+matching = filter_runs(runs, want_methods, want_status, want_data, want_text)
+
 # ----------------------------------------------------------------------------- choose runs
 _PICK_KEY = "compare_pick"
 if _PICK_KEY not in st.session_state or st.session_state[_PICK_KEY] != selected:
@@ -76,11 +124,16 @@ def _on_pick() -> None:
     common.set_selected_runs(st.session_state[_PICK_KEY], runs)
 
 
+# the chosen runs stay options whatever the filters say (else the widget would drop them)
+pick_options = selected + [p for p in matching["path"] if p not in set(selected)]
+if len(matching) < len(runs):
+    st.caption(f"{len(matching)} of {len(runs)} runs match the filters: the chooser offers "
+               "those, and the runs already chosen.")
 # matched as typed text, not fuzzily, and no "Select all matches": "full" + Enter adds the
 # first run whose name or method holds "full", one run, not every run whose letters f-u-l-l
 # appear in order
 st.multiselect(
-    "Runs to compare", options=runs["path"].tolist(), key=_PICK_KEY, on_change=_on_pick,
+    "Runs to compare", options=pick_options, key=_PICK_KEY, on_change=_on_pick,
     format_func=lambda p: f"{label_of[p]} ({method_of[p]})",
     filter_mode="contains", select_all=False,
     help="The choice carries to the other pages and sits in the page address, so a link "
@@ -88,6 +141,7 @@ st.multiselect(
 )
 include_bad = st.checkbox(
     "Also chart failed, cancelled, damaged and stopped runs", value=False,
+    key="compare_include_bad", bind="query-params",
     help="They are listed in the table either way; by default their partial results stay "
          "out of the charts.",
 )
@@ -99,14 +153,32 @@ left_out = chosen[~chosen["path"].isin(charted["path"])]
 
 # ----------------------------------------------------------------------------- the table
 st.subheader("Runs")
+only_chosen = st.toggle("Only the chosen runs", key="compare_only_chosen", bind="query-params",
+                        help="Off: the chosen runs first (ticked), then every run the "
+                             "filters above let through.")
 order = {path: i for i, path in enumerate(chosen["path"])}  # chosen first, as chosen
-table = runs.assign(_order=[order.get(p, len(order) + i) for i, p in enumerate(runs["path"])])
-table = table.sort_values("_order")
-shown_table = table[list(_TABLE_COLUMNS)].rename(columns=_TABLE_COLUMNS)
+listed = chosen if only_chosen else pd.concat(
+    [chosen, matching[~matching["path"].isin(order)]], ignore_index=True)
+listed = listed.assign(chosen=listed["path"].isin(order))
+n_pages = max(1, -(-len(listed) // TABLE_PAGE_ROWS))
+if n_pages > 1:
+    # a page number that a link or an old address carries past the end shows the last page
+    table_page = st.number_input(
+        f"Table page (of {n_pages})", min_value=1, value=1, step=1, key="compare_table_page",
+        bind="query-params",
+        help=f"{TABLE_PAGE_ROWS} runs a page; the filters above narrow the list.")
+    table_page = min(int(table_page), n_pages)
+else:
+    table_page = 1
+first = (table_page - 1) * TABLE_PAGE_ROWS
+page_rows = listed.iloc[first:first + TABLE_PAGE_ROWS]
+shown_table = page_rows[["chosen", *_TABLE_COLUMNS]].rename(columns=_TABLE_COLUMNS)
 st.dataframe(
     shown_table.style.map(common.status_style, subset=["status"]),
     hide_index=True, width="stretch",
     column_config={
+        "chosen": st.column_config.CheckboxColumn(
+            "chosen", width=60, help="Chosen in 'Runs to compare' above: charted below."),
         **{name: st.column_config.TextColumn(width=_text_width(shown_table[name], name))
            for name in ("run", "method", "status", "options", "data")},
         "D measured on": st.column_config.TextColumn(
@@ -116,14 +188,19 @@ st.dataframe(
                  "of its examples were scored: \"100 of 300\" = 100 scored (--eval-limit) of "
                  "the 300 it holds"),
         "steps": st.column_config.NumberColumn(help="training steps done", width="small"),
-        **{k: st.column_config.NumberColumn(format="%.3f", width=60) for k in "UDHEFO"},
+        **{k: st.column_config.NumberColumn(word, help=why, format="%.3f",
+                                            width=int(7.5 * len(word) + 24))
+           for k, (word, why) in _SCORE_WORDS.items()},
     },
 )
+shown_from = f"runs {first + 1}–{first + len(page_rows)} of {len(listed)}" if n_pages > 1 \
+    else f"{len(listed)} runs"
 st.caption(
+    f"{shown_from}; {len(chosen)} chosen, ticked and listed first. "
     "**U** upstream score (pre-training ability kept, 0–1) · **D** downstream score (the "
     "task, 0–1) · **H** = 2UD/(U+D), high only when both are · **E** = D − D at step 0 "
     "(task gained) · **F** = U − U at step 0 (negative = forgotten) · **O** = E + F. "
-    "Scores at each run's last evaluation. Chosen runs are listed first."
+    "Scores at each run's last evaluation."
 )
 problems = runs[(runs["status"] == "damaged") & (runs["problem"] != "")]
 for _, row in problems.iterrows():
@@ -199,22 +276,24 @@ def _cells(key: tuple):
 st.subheader("Over training")
 c1, c2, c3 = st.columns([1.2, 2, 1])
 x_axis = c1.radio("x axis", ["step", "training time"], horizontal=True,
+                  key="compare_x", bind="query-params",
                   help="Training time adds up the steps' own times (evaluations excluded).")
-smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.0, 0.05,
+smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.0, 0.05, key="compare_smoothing",
+                      bind="query-params",
                       help="Exponential moving average: 0 = raw values, 0.9 ≈ the last 10 "
                            "points.")
-log_y = c3.toggle("Log scale (y)", value=False)
+log_y = c3.toggle("Log scale (y)", value=False, key="compare_log_y", bind="query-params")
 x = "step" if x_axis == "step" else "time_s"
 
 figure = _curves_figure(key, x, smoothing, log_y)
 if figure is None:
     st.info("The chosen runs have no evaluation scores yet.")
 else:
-    st.plotly_chart(figure)
+    presentation.show_figure(figure)
 loss_figure = _loss_figure(key, x, smoothing, log_y)
 if loss_figure is not None:
     with st.expander("Training loss", expanded=False):
-        st.plotly_chart(loss_figure)
+        presentation.show_figure(loss_figure)
 post_hoc = [f"{label_of[p]} ({method_of[p]})" for p in paths if method_of[p] in _POST_HOC]
 if post_hoc:
     st.caption(
@@ -230,7 +309,7 @@ if tradeoff is not None:
     st.caption("Each run's path from the base model (step 0) to its last evaluation. Up and "
                "to the right is better; crossing the dotted lines of equal H is a real gain, "
                "moving along one is a trade.")
-    st.plotly_chart(tradeoff)
+    presentation.show_figure(tradeoff)
 
 
 # ----------------------------------------------------------------------------- output drift
@@ -259,8 +338,8 @@ else:
                "moved from the base model's; format errors are answers in the wrong form, "
                "content errors answers of the right form but wrong; answer-type drift is the "
                "share answered in the downstream task's form. The Learn page explains them.")
-    st.plotly_chart(drift[0])
-    st.plotly_chart(drift[1])
+    presentation.show_figure(drift[0])
+    presentation.show_figure(drift[1])
 
 # ----------------------------------------------------------------------------- 2x2 cells
 st.subheader("2×2 generalisation cells")
@@ -275,8 +354,8 @@ else:
         st.caption("`idimg-idq` is the downstream test split itself, so its score is the "
                    "run's downstream score D (not evaluated twice).")
     shown = st.radio("Show", ["score", "change since the base model"], horizontal=True,
-                     key="compare_cells_value")
-    st.plotly_chart(cell_figures["score" if shown == "score" else "change"])
+                     key="compare_cells_value", bind="query-params")
+    presentation.show_figure(cell_figures["score" if shown == "score" else "change"])
 
 # ----------------------------------------------------------------------------- downloads
 st.subheader("Download")

@@ -17,7 +17,7 @@ import streamlit as st
 import analysis
 from analysis import attribute
 from analysis.figures import attribution as fig
-from app import common
+from app import common, presentation
 from spider import rundir
 
 st.title("Why it forgot")
@@ -53,7 +53,15 @@ def _attribution(path: str, signature: tuple) -> pd.DataFrame:
     return analysis.load_run(path).attribution
 
 
-path = st.selectbox("Run", options, index=options.index(_default()), format_func=_name)
+default = _default()
+path = st.selectbox("Run", options, index=options.index(default), format_func=_name)
+# The run lives in ?runs= like on every page, so that a reload or a shared link shows it;
+# the view's other settings are bound to the address (bind="query-params", key = the
+# parameter's name).
+if path != default:
+    chosen = common.selected_runs()
+    common.set_selected_runs([path, *[p for p in chosen if p != path]], readable)
+    st.rerun()  # draw the picker again with its new default (see the Layers page)
 try:
     frame = _attribution(path, common._stat_key(Path(path) / rundir.ATTRIBUTION_FILE))
 except common.UserError as err:
@@ -70,15 +78,16 @@ if frame.empty:
 else:
     c1, c2 = st.columns(2)
     groupings = [b for b in attribute.BY if b in set(frame["by"])]
-    by = c1.selectbox("Grouped by", groupings,
+    by = c1.selectbox("Grouped by", groupings, key="why_by", bind="query-params",
                       help="component: vision, projector, LLM; layer: each block; module: each "
                            "kind of weight (q, k, v, o, gate, up, down) across the layers.")
     mine = frame[frame["by"] == by]
     steps = sorted(int(s) for s in mine["step"].unique())
-    step = c2.selectbox("Checkpoint step", steps, index=len(steps) - 1)
+    step = c2.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="why_step",
+                        bind="query-params")
     rows = mine[mine["step"] == step]
     st.markdown(attribute.best_reverts(rows))
-    st.plotly_chart(fig.attribution_bars(rows))
+    presentation.show_figure(fig.attribution_bars(rows))
     refs = rows.set_index("group")
     if {"(none)", "(all)"} <= set(refs.index):
         none, base = refs.loc["(none)"], refs.loc["(all)"]
@@ -92,6 +101,8 @@ else:
 st.subheader("Output drift over training")
 others = [p for p in common.selected_runs() if p in label_of and p != path]
 paths = st.multiselect("Runs", options, default=[path, *others][:4], format_func=_name,
+                       # one per run: another run starts from its own default again
+                       key=f"why_drift_{label_of[path]}", bind="query-params",
                        help="kl_to_base: how far the answer distributions moved from the base "
                             "model's; the shares split the upstream examples by the form of "
                             "their answers.")
@@ -106,4 +117,4 @@ if paths:
         st.info("The chosen runs logged no drift metrics: runs made before they were added "
                 "do not have them. A new run logs them at every evaluation.")
     else:
-        st.plotly_chart(fig.drift_curves(metrics))
+        presentation.show_figure(fig.drift_curves(metrics))

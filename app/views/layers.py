@@ -16,7 +16,7 @@ import streamlit as st
 
 from analysis import explore, tensors
 from analysis import figures as fig
-from app import common
+from app import common, presentation
 from spider import statistics
 from spider.naming import COMPONENTS
 
@@ -80,6 +80,14 @@ run_b = c2.selectbox("Side by side with", others, index=others.index(default_b),
                      format_func=lambda p: p if p == _NONE else _name(p),
                      help="A second run, e.g. full fine-tuning next to SPIDER.")
 paths = [run_a] + ([] if run_b == _NONE else [run_b])
+# The runs live in ?runs= like on every page (a reload or a shared link shows the same
+# pair); written only when the reader picked other runs here, so that arriving with a wider
+# selection (from Compare) keeps it until then. The rerun draws the pickers again with the new
+# pair as their default: a picker's identity includes its default, so without it the next
+# pick would land on a picker that no longer exists and be lost.
+if paths != pair:
+    common.set_selected_runs(paths, readable)
+    st.rerun()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -116,29 +124,35 @@ if not frames:
     st.stop()
 
 # ----------------------------------------------------------------------------- controls
-all_rows = pd.concat(frames.values(), ignore_index=True)
-# the frozen parts too (status: the base model's parameters), so that they show as frozen
-every_part = pd.concat([all_rows[["component", "module"]],
-                        *(status[p][0][["component", "module"]] for p in frames)],
+# the frozen parts too (status: the base model's parameters), so that they show as frozen;
+# distinct pairs first, and each set built once (a 7B run logs hundreds of thousands of rows)
+every_part = pd.concat([f[["component", "module"]].drop_duplicates()
+                        for f in [*frames.values(), *(status[p][0] for p in frames)]],
                        ignore_index=True)
-components = [c for c in COMPONENTS
-              if c in set(every_part["component"])]
+present = set(every_part["component"])
+components = [c for c in COMPONENTS if c in present]
 modules = sorted(set(every_part["module"]), key=explore.module_name)
-steps = sorted(int(s) for s in all_rows["step"].unique())
+steps = sorted({int(s) for f in frames.values() for s in f["step"].unique()})
 
+# Every view setting is bound to the address (bind="query-params", the key is the parameter's
+# name): a reload, a shared link or the Learn page's tour shows the same view.
 f1, f2 = st.columns(2)
 picked_components = f1.multiselect(
     "Components", components, default=components, format_func=explore.component_name,
+    key="layers_components", bind="query-params",
     help="Only the parts of the model that trained have statistics; the parts a run left "
          "frozen show as grey rows.")
 picked_modules = f2.multiselect(
     "Modules", modules, default=modules, format_func=explore.module_name,
+    key="layers_modules", bind="query-params",
     help="Pool only these kinds of weights into each layer's numbers.")
-step = st.select_slider("Step", options=steps, value=steps[-1],
+step = st.select_slider("Step", options=steps, value=steps[-1], key="layers_step",
+                        bind="query-params",
                         help="The bar charts show this step; the heatmap marks it.")
 h1, h2 = st.columns(2)
 heat_value = h1.selectbox("Heatmap shows", list(_HEATMAP_VALUES),
-                          format_func=_HEATMAP_VALUES.get)
+                          format_func=_HEATMAP_VALUES.get, key="layers_value",
+                          bind="query-params")
 _SCALES = {"absolute": "absolute", "shared": "shared by the runs shown",
            "fitted": "fitted to each run"}
 # honest by default: a share on its whole 0–100 % range; a value without a fixed range
@@ -146,6 +160,7 @@ _SCALES = {"absolute": "absolute", "shared": "shared by the runs shown",
 _default_scale = "absolute" if statistics.value_range(heat_value) else "shared"
 scale = h2.radio("Colour scale", list(_SCALES), horizontal=True, format_func=_SCALES.get,
                  index=list(_SCALES).index(_default_scale), key=f"layers_scale_{heat_value}",
+                 bind="query-params",
                  help="Absolute: the value's whole range (0–100 % for a share), so that 50 % "
                       "and 56 % look nearly alike, as they are. Shared: from the smallest to "
                       "the largest value of the runs shown. Fitted: each run's own values, "
@@ -243,10 +258,17 @@ def _row(title: str | None = None):
     return dict(zip(views, st.columns(len(views))))
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _frozen(path: str, signature: tuple, comps: tuple, mods: tuple) -> pd.DataFrame:
+    """explore.frozen_layers of the run's parameter status (a 7B model's status has
+    hundreds of tensors: grouped once per filter, not on every rerun)."""
+    return explore.frozen_layers(_status(path, signature)[0], comps, mods)
+
+
 def _frozen_words(path: str) -> str:
     """What the run left frozen, in words, under its heatmap ("" when it trained all shown)."""
-    frozen, train = status[path][0], status[path][1]
-    layers = explore.frozen_layers(frozen, *filters)
+    train = status[path][1]
+    layers = _frozen(path, sigs[path], *filters)
     if layers.empty:
         return ""
     whole = layers[layers["all_frozen"]]
@@ -274,7 +296,7 @@ for path, column in _row().items():
         if steps_at[path] != step:
             st.caption(f"This run logged no statistics at step {step}; showing step "
                        f"{steps_at[path]}.")
-        st.plotly_chart(_heatmap(path, sigs[path], label_of[path], *filters, heat_value,
+        presentation.show_figure(_heatmap(path, sigs[path], label_of[path], *filters, heat_value,
                                  zranges[path], steps_at[path]))
         st.caption(fig.range_words(heat_value, zranges[path], scale, method_of[path]))
         frozen_note = _frozen_words(path)
@@ -283,9 +305,42 @@ for path, column in _row().items():
 
 for path, column in _row().items():
     with column:
-        st.plotly_chart(_bars(path, sigs[path], label_of[path], *filters, steps_at[path],
+        presentation.show_figure(_bars(path, sigs[path], label_of[path], *filters, steps_at[path],
                               ("update_rel_norm",),
                               (_bar_title("update_rel_norm", steps_at[path]),), yrange_key))
+
+def _why_share_and_mean(path: str) -> str:
+    """One sentence on why the share with G > I and the mean G − I can disagree, with the
+    run's own numbers at the shown step ("" where it logged no importances).
+
+    I = rank(θ0) and G = rank(S) are sigmoids of each weight's z-score in its tensor
+    (spider/importance.py), not even ranks: a few very large summed gradients stretch the
+    std of |S|, so G bunches near its middle while I spreads wider. G then edges out I by a
+    little on the many weights with a small θ0 and falls short by a lot on the largest ones.
+    The spreads come from the logged first and second moments, pooled over the tensors shown.
+    """
+    rows = explore.filter_layers(frames[path], *filters)
+    rows = rows[rows["step"] == steps_at[path]]
+    need = ["numel", "importance_pre_mean", "importance_ft_mean", "importance_pre_sq_mean",
+            "importance_ft_sq_mean", "frac_ft_gt_pre"]
+    if rows.empty or any(c not in rows for c in need):
+        return ""
+    rows = rows[need].apply(pd.to_numeric, errors="coerce").dropna()
+    if rows.empty or rows["numel"].sum() <= 0:
+        return ""
+    weight = rows["numel"] / rows["numel"].sum()
+    mean = {c: float((rows[c] * weight).sum()) for c in need[1:]}
+    spread_i = max(mean["importance_pre_sq_mean"] - mean["importance_pre_mean"] ** 2, 0) ** 0.5
+    spread_g = max(mean["importance_ft_sq_mean"] - mean["importance_ft_mean"] ** 2, 0) ** 0.5
+    return (
+        f"**Share and mean can disagree** (here {mean['frac_ft_gt_pre']:.0%} of the weights "
+        f"have G > I, mean G − I = {mean['importance_ft_mean'] - mean['importance_pre_mean']:+.4f}): "
+        "I and G are not even ranks but a sigmoid of each weight's z-score in its tensor, "
+        f"and G is bunched nearer its middle (spread {spread_g:.2f}) than I "
+        f"({spread_i:.2f}) because a few very large summed gradients stretch the scale — so "
+        "G beats I by a little on the many weights with a small θ0 and loses by a lot on the "
+        "few largest: a share counts wins, a mean weighs them.")
+
 
 for path, column in _row().items():
     table = views[path][0]
@@ -294,10 +349,13 @@ for path, column in _row().items():
             st.info(f"{_name(path)} records no importances I and G (only SPIDER computes "
                     "them), so there is no discrepancy to show.")
         else:
-            st.plotly_chart(_bars(
+            presentation.show_figure(_bars(
                 path, sigs[path], label_of[path], *filters, steps_at[path], _DISCREPANCY,
                 tuple(_bar_title(v, steps_at[path] if i == 0 else None)
                       for i, v in enumerate(_DISCREPANCY)), yrange_key))
+            why = _why_share_and_mean(path)
+            if why:
+                st.caption(why)
 
 # ----------------------------------------------------------------------------- two runs
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -343,7 +401,7 @@ if len(views) == 2:
             text = statistics.label(value)
             titles.append(text[:1].upper() + text[1:]
                           + f"<br><sup>{label_of[path_a]} vs {label_of[path_b]}</sup>")
-        st.plotly_chart(fig.layer_bars(
+        presentation.show_figure(fig.layer_bars(
             agreement.assign(run=f"{label_of[path_a]} vs {label_of[path_b]}"),
             list(_AGREEMENT), titles=titles,
             yrange={v: statistics.value_range(v) for v in _AGREEMENT}),

@@ -13,7 +13,7 @@ from analysis.worked_example import (
     near_tie,
     run_worked_example,
 )
-from app import common
+from app import common, presentation, tour
 
 MARKED = 3  # entries outlined as "closest to the tie"
 LEARNING_RATES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
@@ -49,18 +49,20 @@ with left:
     )
 with right:
     st.markdown("**The rule**, for each weight tensor, after every optimizer step:")
-    st.latex(r"I=\operatorname{rank}(\theta_0),\qquad G=\operatorname{rank}(S),\qquad "
-             r"S=\textstyle\sum_{t} g_t")
+    # two lines: on one, S = Σ g_t ran off the right edge of a half-width column
+    st.latex(r"I=\operatorname{rank}(\theta_0),\qquad G=\operatorname{rank}(S)")
+    st.latex(r"S=\textstyle\sum_{t} g_t")
     st.latex(r"\operatorname{rank}(x)=\sigma\!\left(\frac{|x|-\operatorname{mean}|x|}"
              r"{\operatorname{std}|x|}\right)")
     st.latex(r"w=\begin{cases}\dfrac{G}{I+G} & \text{if } G>I\\[4pt] 0 & \text{otherwise}"
              r"\end{cases}")
     st.latex(r"w\leftarrow\min\!\Big(\frac{w}{\bar w_{+}},\;1\Big),\qquad "
-             r"\bar w_{+}=\text{mean of } w \text{ over the weights with } w>0")
+             r"\bar w_{+}=\frac{\sum_{i:\,w_i>0} w_i}{\#\{i : w_i>0\}}")
     st.latex(r"\theta \leftarrow \theta_0\,(1-w) + \theta\,w")
     st.caption("σ is the logistic sigmoid; g_t the gradient of step t. w̄₊ is the average "
-               "keep-weight of the free weights only (those with w > 0), not the share of "
-               "free weights. w = 0: the weight is pinned to θ0; w = 1: it moves freely.")
+               "size of the non-zero keep-weights: their sum divided by how many there are "
+               "(not the share of weights that are free). w = 0: the weight is pinned to θ0; "
+               "w = 1: it moves freely.")
 
 # ------------------------------------------------------------------------------ the example
 st.header("Try it on one small weight tensor")
@@ -72,36 +74,46 @@ st.markdown(
     "Move the sliders and watch the mask **w** change."
 )
 
+# Every setting of the example is in the address, so that a reload, a shared link or a tab a
+# teacher prepared shows the same example: the widgets are bound (bind="query-params", the
+# key is the parameter's name); the seed is no widget, so it is written by hand.
 if "learn_seed" not in st.session_state:
-    st.session_state["learn_seed"] = 0
+    _seed = st.query_params.get("learn_seed", "0")
+    st.session_state["learn_seed"] = int(_seed) if _seed.isdigit() else 0
+
+
+def _reseed() -> None:
+    st.session_state["learn_seed"] += 1
+    st.query_params["learn_seed"] = str(st.session_state["learn_seed"])
 
 with st.container(border=True):
     c1, c2, c3, c4 = st.columns([3, 3, 3, 2])
-    steps = c1.slider("Steps of fine-tuning", 1, 40, 10, key="learn_steps",
+    steps = c1.slider("Steps of fine-tuning", 1, 40, 10, key="learn_steps", bind="query-params",
                       help="How many optimizer steps have been taken; the pictures show the "
                            "state after the last one.")
     lr = c2.select_slider("Learning rate", LEARNING_RATES, value=0.2, key="learn_lr",
+                          bind="query-params",
                           help="SGD step size: how far each step moves the weights.")
     noise = c3.slider("Gradient noise", 0.0, 3.0, 1.0, 0.1, key="learn_noise",
+                      bind="query-params",
                       help="Random noise added to every step's gradient, in units of the "
                            "task's typical gradient. 0: a perfectly clean task.")
     with c4:
         st.write("")
-        if st.button("Re-seed", key="learn_reseed",
-                     help="Draw a new θ0, a new task target and new noise."):
-            st.session_state["learn_seed"] += 1
+        st.button("Re-seed", key="learn_reseed", on_click=_reseed,
+                  help="Draw a new θ0, a new task target and new noise.")
         st.caption(f"seed {st.session_state['learn_seed']}")
     t1, t2, t3 = st.columns([2, 2, 4])
-    binary = t1.toggle("Binary mask", key="learn_binary",
+    binary = t1.toggle("Binary mask", key="learn_binary", bind="query-params",
                        help="Ablation: w = 1 wherever G > I (instead of G / (I + G)).")
-    no_norm = t2.toggle("No normalisation", key="learn_no_norm",
+    no_norm = t2.toggle("No normalisation", key="learn_no_norm", bind="query-params",
                         help="Ablation: keep the raw w = G / (I + G) instead of dividing by "
                              "the mean of the non-zero entries (and capping at 1).")
     if binary:
         t2.caption("No effect with the binary mask: every free weight already has w = 1, "
                    "so their mean is 1 and dividing by it changes nothing.")
     accumulate = t3.radio("S accumulates the", list(ACCUMULATE), format_func=ACCUMULATE.get,
-                          horizontal=True, key="learn_accumulate",
+                          horizontal=True, key="learn_accumulate", bind="query-params",
                           help="What SPIDER sums over the steps to rank the task's "
                                "importance G.")
 
@@ -121,10 +133,14 @@ m1.metric("Free to move (w > 0)", f"{round(summary['free_share'] * n)} of {n}",
 m2.metric("Pinned to θ0 (w = 0)", f"{round(summary['pinned_share'] * n)} of {n}")
 m3.metric("Mean keep-weight w", f"{summary['mask_mean']:.3f}",
           help="1 would be plain fine-tuning; 0 would keep the pre-trained tensor.")
-m4.metric("Forgetting: SPIDER vs plain",
-          f"{old_loss[(steps, 'spider')]:.3f} vs {old_loss[(steps, 'full')]:.3f}",
+# SPIDER's number, and plain fine-tuning's as the difference: "0.194 vs 0.327" was cut
+# to "0.194 vs 0.…" in a quarter of a 1280 px window
+spider_loss, plain_loss = old_loss[(steps, "spider")], old_loss[(steps, "full")]
+m4.metric("Forgetting: SPIDER vs plain", f"{spider_loss:.3f}",
+          delta=f"{spider_loss - plain_loss:+.3f} vs plain", delta_color="inverse",
           help="The toy's old-task loss after these steps (see ③), with SPIDER and with "
-               "plain fine-tuning on the same task and noise. Lower is better.")
+               f"plain fine-tuning (here {plain_loss:.3f}) on the same task and noise. "
+               "Lower is better.")
 
 tie = near_tie(last, n=MARKED)
 marked = list(zip(tie["row"].tolist(), tie["col"].tolist()))
@@ -132,8 +148,8 @@ st.subheader(f"① Compare I and G, weight by weight → the mask w (after step 
 st.caption("Each square is one weight: its row and column in the tensor. Dark = low, "
            "bright = high. Where G is brighter than I, w is blue (free); where it is not, "
            "w is white (0: pinned to θ0). Orange outlines: the weights closest to the tie "
-           "I = G (see the end of the page).")
-st.plotly_chart(matrix_grid(
+           "I = G (see \"For the careful reader\" below).")
+presentation.show_figure(matrix_grid(
     [[Panel("θ0: pre-trained weights", example.theta0, "signed", "theta0"),
       Panel("S: summed gradients so far", last.grad_sum, "signed", "s"), None],
      [Panel("I = rank(θ0)", last.importance_pre, "importance"),
@@ -147,7 +163,7 @@ st.caption("Left: where the last SGD step put each weight, measured from θ0. Mi
            "SPIDER keeps of it, θ − θ0 = w × (θ_sgd − θ0): 0.00 where w = 0. Right: plain "
            "fine-tuning on the same task moves every weight. Red = up, blue = down, "
            "white = unchanged.")
-st.plotly_chart(matrix_grid(
+presentation.show_figure(matrix_grid(
     [[Panel("proposed by SGD: θ_sgd − θ0", last.proposed - example.theta0, "signed", "d"),
       Panel("kept by SPIDER: θ − θ0", last.merged - example.theta0, "signed", "d"),
       Panel("plain fine-tuning: θ − θ0", last.full - example.theta0, "signed", "d")]],
@@ -158,66 +174,77 @@ st.caption("Red: SPIDER; blue: plain fine-tuning, on the same task and noise. Th
            "no real old tasks; it stands in for them with a loss that charges each weight's "
            "change by the size of its pre-trained value, Σ|θ0|(θ − θ0)² / Σ|θ0| — SPIDER's "
            "own premise (I ranks |θ0|). The sample runs below measure real old-task scores.")
-st.plotly_chart(example_history(example.history, current_step=steps), key="learn_history",
+presentation.show_figure(example_history(example.history, current_step=steps), key="learn_history",
                 width="stretch")
 
 # ------------------------------------------------------------------------------ careful reader
-st.header("For the careful reader: the mask jumps at I = G")
-a, b = st.columns([3, 2], gap="large")
-with a:
-    st.plotly_chart(tie_scatter(last.importance_pre, last.importance_ft, last.mask,
-                                marked=marked), key="learn_tie", width="stretch")
-with b:
-    st.markdown(
-        "Each dot is one weight of the example. Left of the dashed line (G ≤ I) it is pinned, "
-        "w = 0; just right of it, w jumps to G/(I+G) ≈ ½, near 1 after normalisation. "
-        "There is no in-between: a weight whose G and I agree to "
-        "the last bit can land on either side in two correct programs, on another number "
-        "of threads or processes, or on other hardware — and from then on the runs drift "
-        "apart. Compare runs by their results, never bit for bit."
-    )
-    shown = tie.assign(**{"G − I": tie["gap"], "ulps": tie["ulps"].round()})
-    st.dataframe(shown[["row", "col", "G − I", "ulps", "w"]], hide_index=True, width="stretch",
-                 column_config={"G − I": st.column_config.NumberColumn(format="%.2e"),
-                                "ulps": st.column_config.NumberColumn(
-                                    format="%d", help="float32 rounding steps between G and I"),
-                                "w": st.column_config.NumberColumn(format="%.3f")})
-    at_tie = int((tie["ulps"] <= TIE_ULPS).sum())
-    st.caption(
-        f"The {MARKED} weights of this example closest to the tie (orange outlines above); "
-        "ulps: how many float32 rounding steps G is from I. "
-        + (f"{at_tie} of them are within {TIE_ULPS} float32 rounding steps of it: float "
-           "rounding alone decides their side." if at_tie else
-           f"None is within {TIE_ULPS} float32 rounding steps here; in a tensor of millions "
-           "of weights some always are.")
-    )
+# collapsed: a class needs the rule, not float32 rounding; a careful reader opens it
+with st.expander("For the careful reader: the mask jumps at I = G (float rounding)",
+                 expanded=False):
+    a, b = st.columns([3, 2], gap="large")
+    with a:
+        presentation.show_figure(tie_scatter(last.importance_pre, last.importance_ft, last.mask,
+                                    marked=marked), key="learn_tie", width="stretch")
+    with b:
+        st.markdown(
+            "Each dot is one weight of the example. Left of the dashed line (G ≤ I) it is pinned, "
+            "w = 0; just right of it, w jumps to G/(I+G) ≈ ½, near 1 after normalisation. "
+            "There is no in-between: a weight whose G and I agree to "
+            "the last bit can land on either side in two correct programs, on another number "
+            "of threads or processes, or on other hardware — and from then on the runs drift "
+            "apart. Compare runs by their results, never bit for bit."
+        )
+        shown = tie.assign(**{"G − I": tie["gap"], "ulps": tie["ulps"].round()})
+        st.dataframe(shown[["row", "col", "G − I", "ulps", "w"]], hide_index=True, width="stretch",
+                     column_config={"G − I": st.column_config.NumberColumn(format="%.2e"),
+                                    "ulps": st.column_config.NumberColumn(
+                                        format="%d", help="float32 rounding steps between G and I"),
+                                    "w": st.column_config.NumberColumn(format="%.3f")})
+        at_tie = int((tie["ulps"] <= TIE_ULPS).sum())
+        st.caption(
+            f"The {MARKED} weights of this example closest to the tie (orange outlines above); "
+            "ulps: how many float32 rounding steps G is from I. "
+            + (f"{at_tie} of them are within {TIE_ULPS} float32 rounding steps of it: float "
+               "rounding alone decides their side." if at_tie else
+               f"None is within {TIE_ULPS} float32 rounding steps here; in a tensor of millions "
+               "of weights some always are.")
+        )
 
 # ------------------------------------------------------------------------------ start here
-st.header("Start here: the sample runs")
+st.header("Start here: a tour of the sample runs")
 st.markdown(
     "The app ships short fine-tunes of a tiny LLaVA (2 M parameters) on the counting task, "
-    "one per method, 150 steps each. Three places to look first:"
+    "one per method, 150 steps each. Five stops, in order: each link opens the exact view "
+    "(its address holds every setting, so it can be opened in a tab beforehand, reloaded or "
+    "shared), and the two sentences next to it are what to say there."
 )
 _SAMPLES = common.bundled_runs_root()
-links = [
-    ("views/compare.py", "Compare", ["samples/spider", "samples/full"], {},
-     "Did SPIDER forget less than plain fine-tuning? Old-task and new-task scores side by "
-     "side."),
-    ("views/layers.py", "Layers", ["samples/spider", "samples/full"], {},
-     "Which layers did SPIDER let the task change, and how much?"),
-    ("views/parameters.py", "Parameters", ["samples/spider"],
-     {"param": "model.language_model.layers.3.mlp.down_proj.weight"},
-     "I, G, the mask w and the update Δ of one real weight matrix of the tiny LLaVA."),
-]
-cols = st.columns(len(links))
-for col, (page, label, runs, extra, what) in zip(cols, links):
-    present = [r for r in runs if (_SAMPLES / r.split("/", 1)[1] / "run.json").exists()]
-    with col.container(border=True):
-        st.page_link(page, label=label, icon=":material/arrow_forward:",
-                     query_params={common.QUERY_KEY: present, **extra},
-                     disabled=not present)
-        st.markdown(what)
-        st.caption("runs: " + ", ".join(present) if present else "sample runs not found")
+_present = [r for r in (tour.SPIDER, tour.FULL)
+            if (_SAMPLES / r.split("/", 1)[1] / "run.json").exists()]
+for stop in tour.STOPS:
+    query = stop.query_params(_present)
+    missing = bool(stop.runs) and common.QUERY_KEY not in query
+    with st.container(border=True):
+        link, say = st.columns([2, 5], vertical_alignment="center")
+        link.page_link(stop.page, label=stop.label, icon=":material/arrow_forward:",
+                       query_params=query, disabled=missing)
+        say.markdown(stop.say if not missing else "The sample runs are not found.")
+
+
+def _handout() -> str:
+    """The one-page handout of the sample runs (made on click: it inlines plotly.js)."""
+    from analysis import handout
+
+    return handout.render_handout([_SAMPLES / r.split("/", 1)[1] for r in _present])
+
+
+st.download_button(
+    "Handout for the class (one printable page, HTML)", _handout, "spider-handout.html",
+    "text/html", key="learn_handout", on_click="ignore", icon=":material/download:",
+    disabled=not _present,
+    help="The rule, the forgetting curve and SPIDER's layer heatmap from the sample runs, on "
+         "one A4 or Letter page; opens offline. Also: python -m analysis.handout -o "
+         "handout.html")
 
 # ------------------------------------------------------------------------------ why it forgot
 st.header("Why a run forgot")

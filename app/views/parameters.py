@@ -1,6 +1,8 @@
 """Parameters: one weight tensor of one checkpoint up close — I, G, the mask w and the update
 Δ side by side, histograms, statistics, a what-if under another SPIDER option, a region at
-full resolution, the mask flips between two checkpoints, downloads.
+full resolution, the mask flips between two checkpoints, downloads. Every view setting (step,
+search, what-if options, region, flips' first step) is in the page address
+(``bind="query-params"``; the tensor as ``?param=``), so a reload or a shared link shows the same.
 
 Thin: widgets -> cached calls into ``analysis.tensors`` -> figures -> ``st.plotly_chart``.
 """
@@ -36,7 +38,7 @@ from analysis.tensors import (
     updated_entries_csv,
     what_if_mask,
 )
-from app import common
+from app import common, presentation
 from spider import statistics
 from spider.errors import UserError
 
@@ -69,11 +71,39 @@ def _frozen(path: str, signature: tuple) -> tuple[pd.DataFrame, str]:
     return frozen_tensors(run_), train_setting(run_)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+# Shared, not copied (cache_resource): the page and the figures only read these arrays, and
+# un-pickling them from cache_data on every rerun costs more the larger the tensor.
+@st.cache_resource(show_spinner=False, max_entries=8)
 def _views(path: str, signature: tuple, step: int, param: str) -> dict[str, np.ndarray]:
     del signature
     views = tensor_views(common.load_run_cached(path), step, param)
     return {kind: t.numpy() for kind, t in views.items()}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _numbers(path: str, signature: tuple, step: int, param: str) -> dict[str, float]:
+    """The page's shares and counts of one tensor, each a pass over every weight: computed
+    once per (run files, step, tensor), not on every rerun."""
+    views = _views(path, signature, step, param)
+    numbers: dict[str, float] = {}
+    if "mask" in views:
+        w = views["mask"]
+        numbers.update(free=float((w > 0).mean()), pinned=float((w == 0).mean()),
+                       mean_w=float(w.mean()))
+    if "delta" in views:
+        numbers.update(unchanged=float((views["delta"] == 0).mean()),
+                       moved=int(np.count_nonzero(views["delta"])))
+    if "importance_pre" in views and "importance_ft" in views:
+        numbers.update(stats.tensor_discrepancy(views["importance_pre"],
+                                                views["importance_ft"]))
+    return numbers
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _region_figure(path: str, signature: tuple, step: int, param: str,
+                   rows: tuple[int, int], cols: tuple[int, int]):
+    views = _views(path, signature, step, param)
+    return region_panels({k: views[k] for k in PANEL_KINDS if k in views}, param, rows, cols)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -92,12 +122,18 @@ def _figures(path: str, signature: tuple, step: int, param: str):
     return panels, hist, table, npz
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_resource(show_spinner=False, max_entries=32)  # read only: shared, not copied
 def _what_if(path: str, signature: tuple, step: int, param: str, mask: str,
              normalize: bool):
     del signature
     return what_if_mask(common.load_run_cached(path), step, param, mask=mask,
                         normalize=normalize)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _what_if_row(path: str, signature: tuple, step: int, param: str, mask: str,
+                 normalize: bool) -> dict[str, float]:
+    return _what_if(path, signature, step, param, mask, normalize).as_row()
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -165,7 +201,10 @@ signature = common.run_signature(path)
 
 with top[1]:
     if len(steps) > 1:
-        step = st.select_slider("Checkpoint step", steps, value=steps[-1], key=f"params_step_{rid}",
+        # one key for every run (in the address as ?params_step=): a step the next run
+        # lacks falls back to that run's last checkpoint
+        step = st.select_slider("Checkpoint step", steps, value=steps[-1], key="params_step",
+                                bind="query-params",
                                 help="The steps at which the run saved a checkpoint.")
     else:
         step = steps[0]
@@ -179,11 +218,11 @@ except UserError as err:
 
 with top[2]:
     q1, q2 = st.columns([3, 1])
-    query = q1.text_input("Find a parameter", key="params_query",
+    query = q1.text_input("Find a parameter", key="params_query", bind="query-params",
                           placeholder="e.g. 3 down_proj, or projector",
                           help="Words that must all occur in the name, or a regular "
                                "expression when 'regex' is on.")
-    regex = q2.toggle("regex", key="params_regex")
+    regex = q2.toggle("regex", key="params_regex", bind="query-params")
 
 names = kept.sort_values("kept", ascending=False, kind="stable")["param"].tolist()
 # the parts the run did not train are listed too, marked frozen (not "not saved")
@@ -286,27 +325,39 @@ else:
 
     m = st.columns(4)
     m[0].metric("Shape", row["shape"], help=f"{int(row['numel']):,} weights")
+    numbers = _numbers(path, signature, int(step), param)
     if "mask" in views:
-        w = views["mask"]
-        m[1].metric("Free to move (w > 0)", f"{float((w > 0).mean()):.2%}",
+        m[1].metric("Free to move (w > 0)", f"{numbers['free']:.2%}",
                     help="Share of this tensor's weights the method lets the task update.")
-        m[2].metric("Mean keep-weight w", f"{float(w.mean()):.3f}",
+        m[2].metric("Mean keep-weight w", f"{numbers['mean_w']:.3f}",
                     help="1: plain fine-tuning; 0: the pre-trained tensor unchanged.")
     if "delta" in views:
-        d = views["delta"]
-        bf16 = str(run.config.get("save_dtype", "float32")) != "float32"
-        m[3].metric("Weights unchanged (Δ = 0)", f"{float((d == 0).mean()):.2%}",
-                    help="Exactly at their pre-trained value θ0 in this checkpoint."
-                    + (f" This run saved its checkpoints in {run.config.get('save_dtype')}, "
-                       "so updates smaller than that format's resolution also read as 0: "
-                       "this share can exceed the share pinned (w = 0)." if bf16 else ""))
+        save_dtype = str(run.config.get("save_dtype", "float32"))
+        unchanged = numbers["unchanged"]
+        m[3].metric("Weights unchanged (Δ = 0)", f"{unchanged:.2%}",
+                    help="Exactly at their pre-trained value θ0 in this checkpoint.")
+        if save_dtype != "float32":
+            # Said on the page, not in a tooltip (issue 25): side by side, "free 53 %" and
+            # "unchanged 57 %" read as a contradiction until the rounding is named.
+            pinned = (f" while only {numbers['pinned']:.2%} were pinned "
+                      "(w = 0)" if "mask" in views else "")
+            # significant bits of the format: an update below half a step of it rounds away
+            bits = {"bfloat16": 8, "float16": 11}.get(save_dtype)
+            resolution = (f", which keeps {bits} significant bits: an update smaller than "
+                          f"about 1/{2 ** bits} of the weight's own size" if bits else
+                          ": an update smaller than that format's resolution")
+            st.markdown(
+                f"**Why Δ = 0 for {unchanged:.2%} of the weights{pinned}:** this run saved "
+                f"its checkpoints in {save_dtype}{resolution} rounds back to θ0 when the "
+                "checkpoint is written. So some weights that were free to move moved too "
+                "little to show, and read as unchanged.")
 
     st.markdown("**How to read it:** " + (
         "a weight may move where G is brighter than I; there w is blue. Where w is white "
         "(0) the weight was pinned to θ0 and Δ is white too." if "importance_pre" in views
         else "red and blue in Δ are weights the method moved up and down; white ones kept "
              "their pre-trained value θ0."))
-    st.plotly_chart(panels_fig, key="params_panels", width="stretch")
+    presentation.show_figure(panels_fig, key="params_panels", width="stretch")
     shape2d = (int(views[next(iter(views))].shape[0]),
                int(np.prod(views[next(iter(views))].shape[1:], dtype=np.int64)) or 1)
     n_panels = sum(k in views for k in PANEL_KINDS)
@@ -316,7 +367,7 @@ else:
           "value.")
 
     st.subheader("Distributions")
-    st.plotly_chart(hist_fig, key="params_hist", width="stretch")
+    presentation.show_figure(hist_fig, key="params_hist", width="stretch")
 
     st.subheader("Statistics")
     st.dataframe(table.assign(kind=table["kind"].map(lambda k: KIND_LABELS.get(k, k))),
@@ -327,7 +378,7 @@ else:
                     "share_zero": st.column_config.NumberColumn("exactly 0", format="percent"),
                     "share_one": st.column_config.NumberColumn("exactly 1", format="percent")})
     if "importance_pre" in views and "importance_ft" in views:
-        disc = stats.tensor_discrepancy(views["importance_pre"], views["importance_ft"])
+        disc = numbers
         st.caption(
             f"G − I on average {disc['discrepancy_mean']:+.4f}; G > I for "
             f"{disc['frac_ft_gt_pre']:.2%} of the weights; correlation of I and G "
@@ -348,17 +399,18 @@ else:
         w1, w2 = st.columns(2)
         alt_mask = w1.radio("Mask", ("weighted", "binary"),
                             index=1 if trained_mask == "weighted" else 0, horizontal=True,
-                            key="params_whatif_mask",
+                            key="params_whatif_mask", bind="query-params",
                             help="weighted: w = G/(I+G) where G > I; binary: w = 1 there.")
         alt_norm = w2.radio("Normalisation", (True, False), index=0 if trained_norm else 1,
                             format_func=lambda v: "on (divide by mean, cap at 1)" if v
-                            else "off", horizontal=True, key="params_whatif_norm")
+                            else "off", horizontal=True, key="params_whatif_norm",
+                            bind="query-params")
         what_if = _what_if(path, signature, int(step), param, alt_mask, alt_norm)
         trained_label = f"mask={trained_mask}, normalize={option_value(trained_norm)}"
         if what_if.alternative == what_if.options:
             st.info(f"That is the run's own setting ({trained_label}): nothing changes. "
                     "Pick another option above.")
-        r = what_if.as_row()
+        r = _what_if_row(path, signature, int(step), param, alt_mask, alt_norm)
         c = st.columns(4)
         c[0].metric(f"Weights whose w changes (of {what_if.numel:,})", f"{what_if.changed:,}",
                     f"{r['share changed']:.1%} of the tensor", delta_color="off",
@@ -372,20 +424,24 @@ else:
                     f"{r['mean w what-if'] - r['mean w as trained']:+.3f}", delta_color="off")
         c[3].metric("Free to move (w > 0)", f"{r['share free what-if']:.2%}")
         if what_if.changed:
-            st.plotly_chart(_what_if_figure(path, signature, int(step), param, alt_mask,
+            presentation.show_figure(_what_if_figure(path, signature, int(step), param, alt_mask,
                                             alt_norm), key="params_whatif_fig", width="stretch")
 
     # -------------------------------------------------------------------------- region
     st.subheader("A region at full resolution")
     n_rows, n_cols = shape2d
     g = st.columns(4)
-    row_from = g[0].number_input("Rows from", 0, n_rows - 1, 0, key="params_r0")
-    row_to = g[1].number_input("to (excluded)", 1, n_rows, min(n_rows, 64), key="params_r1")
-    col_from = g[2].number_input("Columns from", 0, n_cols - 1, 0, key="params_c0")
-    col_to = g[3].number_input("to (excluded)", 1, n_cols, min(n_cols, 64), key="params_c1")
+    row_from = g[0].number_input("Rows from", 0, n_rows - 1, 0, key="params_r0",
+                                 bind="query-params")
+    row_to = g[1].number_input("to (excluded)", 1, n_rows, min(n_rows, 64), key="params_r1",
+                               bind="query-params")
+    col_from = g[2].number_input("Columns from", 0, n_cols - 1, 0, key="params_c0",
+                                 bind="query-params")
+    col_to = g[3].number_input("to (excluded)", 1, n_cols, min(n_cols, 64), key="params_c1",
+                               bind="query-params")
     region_rows, region_cols = region_bounds(shape2d, (row_from, row_to), (col_from, col_to))
-    st.plotly_chart(region_panels({k: views[k] for k in PANEL_KINDS if k in views}, param,
-                                  region_rows, region_cols),
+    presentation.show_figure(_region_figure(path, signature, int(step), param,
+                                            tuple(region_rows), tuple(region_cols)),
                     key="params_region", width="stretch")
     st.caption(f"Up to {REGION_FULL}×{REGION_FULL} entries each cell is one weight, and "
                "hover gives its row, column and exact value; a larger region is pooled. "
@@ -398,7 +454,8 @@ else:
         st.subheader("Mask flips between two checkpoints")
         f1, f2 = st.columns(2)
         earlier = [s for s in steps if s < int(step)] or [s for s in steps if s != int(step)]
-        step_a = f1.selectbox("From step", earlier, index=0, key="params_flip_from")
+        step_a = f1.selectbox("From step", earlier, index=0, key="params_flip_from",
+                              bind="query-params")
         f2.markdown(f"**To step**  \n{step} (the checkpoint chosen above)")
         flips, flips_fig = _flips(path, signature, int(step_a), int(step), param)
         k = st.columns(3)
@@ -407,12 +464,12 @@ else:
         k[1].metric("Free → pinned", f"{flips.pinned:,}",
                     help="Entries with w > 0 at the first step and w = 0 at the second.")
         k[2].metric("Share that flipped", f"{(flips.freed + flips.pinned) / flips.numel:.2%}")
-        st.plotly_chart(flips_fig, key="params_flips", width="stretch")
+        presentation.show_figure(flips_fig, key="params_flips", width="stretch")
 
     # -------------------------------------------------------------------------- downloads
     # the two files below are made only when asked for (a CSV of a large tensor's moved
     # entries can be big); the count comes from Δ, already read
-    n_moved = int(np.count_nonzero(views["delta"])) if "delta" in views else 0
+    n_moved = numbers.get("moved", 0)
     d1, d2 = st.columns(2)
     safe = param.replace("/", "_")
     d1.download_button(

@@ -6,18 +6,25 @@ the browser session: the queue and the runs are on disk under the user's runs fo
 reload, a second tab or a restarted app shows the same jobs. The live part is one top-level
 ``st.fragment`` that refreshes every second while something is queued or running, and not at
 all otherwise.
+
+The runs of one Launch are watched together (``jobs.launch_groups``): each run's status,
+progress and Cancel / Resume, and one chart of their scores and one of their losses, a colour
+per run as on Compare — launch SPIDER and full together and full's forgetting is on the same
+chart as SPIDER's, not hidden behind a run picker. A preset (:data:`PRESETS`, also
+``/train?preset=NAME``) fills the form in; Launch starts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
 import streamlit as st
 
 from analysis import overview
-from app import common, jobs, watch
+from app import common, jobs, presentation, watch
 from spider.data import builtin_names
 from spider.errors import UserError
 from spider.methods import available_methods, method_class, option_fields
@@ -27,7 +34,9 @@ REFRESH_S = 1.0
 _WATCH_KEY = "train_watch_run"  # the run shown in the live panel (a run folder name)
 _HEAT_KEY = "train_heat_value"  # what the live heatmap shows (a statistic's name)
 _WATCHERS_KEY = "train_watchers"  # run folder -> app.watch.RunWatch (this session's offsets)
-_FIGS_KEY = "train_figures"  # run folder -> (offsets, figures), redrawn only on new lines
+_FIGS_KEY = "train_figures"  # watched run names -> figures, redrawn only on new lines
+_HEAT_RUN_KEY = "train_heat_run"  # whose layer heatmap is shown (a run of the watched group)
+_COLORS_KEY = "train_colors"  # (root, group) -> run colours, taken once per group
 # The runner's flags as the page names them, for messages from the runner's own checks.
 _LABELS = {"--steps": "Steps", "--lr": "Learning rate", "--batch-size": "Batch size",
            "--eval-every": "Evaluate every (steps)", "--save-every": "Checkpoint every (steps)",
@@ -169,7 +178,9 @@ def _methods_input(problems: list[str]) -> dict[str, dict]:
     # descriptions in the labels, "full" matched eight methods ("trains like full
     # fine-tuning") and Enter queued them all. Enter picks the first match, one method.
     methods = st.multiselect(
-        "Methods", available_methods(), default=["spider"], key="train_methods",
+        "Methods", available_methods(),
+        # no default once a preset has set the value (Streamlit warns of both)
+        default=None if "train_methods" in st.session_state else ["spider"], key="train_methods",
         filter_mode="contains", select_all=False,
         help="Several methods run one after another, each its own run, with the same "
              "settings. What each method does is listed under the box.")
@@ -316,7 +327,77 @@ def queued_text(methods: list[str]) -> str:
     return f"{len(methods)} run{'s' if len(methods) != 1 else ''}: {', '.join(methods)}"
 
 
+# ----------------------------------------------------------------------------- presets
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A launch set up in one click: these methods, every other field at its default."""
+
+    label: str
+    methods: tuple[str, ...]
+    about: str
+
+
+PRESETS = {
+    "spider_vs_full": Preset(
+        "SPIDER vs full", ("spider", "full"),
+        "the bundled tiny LLaVA fine-tuned on the counting task twice, with SPIDER and with "
+        "full fine-tuning, with the runner's default settings (together about a minute on a "
+        "CPU). Both runs share one live chart: full fine-tuning's upstream score falls — it "
+        "forgets — while SPIDER's holds"),
+}
+# /train?preset=NAME fills the form with PRESETS[NAME] (it never launches). A comment, not a
+# docstring: Streamlit's "magic" would draw a bare string of a page script on the page.
+PRESET_QUERY = "preset"
+_PRESET_KEY = "train_preset"  # the preset last filled in (its note stays while it holds)
+_FORM_KEYS = ("train_model_choice", "train_model_path", "train_data_choice", "train_data_path",
+              "train_task", "train_steps", "train_lr", "train_batch", "train_seed",
+              "train_eval_every", "train_save_every", "train_hybrid", "train_device",
+              "train_eval_limit", "train_size", "train_log_every", "train_name", "train_parts")
+
+
+def apply_preset(name: str) -> None:
+    """Fill the form with preset ``name``: its methods, every other field (and every
+    method's options) back to its default. Run before the widgets are drawn (a button's
+    callback, or the address read at the top of the page)."""
+    preset = PRESETS[name]
+    for key in list(st.session_state):
+        if key in _FORM_KEYS or str(key).startswith("train_opt_"):
+            del st.session_state[key]
+    st.session_state["train_methods"] = list(preset.methods)
+    st.session_state[_PRESET_KEY] = name
+
+
+def preset_from_address() -> str | None:
+    """Apply ``?preset=NAME`` once (the parameter is then dropped from the address, so a
+    later rerun keeps the user's edits); the preset's name, or None. An unknown name is
+    said in one sentence."""
+    asked = st.query_params.get(PRESET_QUERY)
+    if asked is None:
+        return None
+    del st.query_params[PRESET_QUERY]
+    if asked not in PRESETS:
+        st.warning(f"The address asks for preset “{asked}”, which does not exist; the "
+                   f"presets are: {', '.join(PRESETS)}.", icon=":material/warning:")
+        return None
+    apply_preset(asked)
+    return asked
+
+
+def _presets_row() -> None:
+    cols = st.columns([1, 4], vertical_alignment="center")
+    for name, preset in PRESETS.items():
+        cols[0].button(preset.label, key=f"train_preset_{name}", on_click=apply_preset,
+                       args=(name,), icon=":material/compare_arrows:",
+                       help=f"Fill the form: {preset.about}.")
+    cols[1].caption("A preset fills the form in; **Launch** starts it.")
+    chosen = PRESETS.get(st.session_state.get(_PRESET_KEY, ""))
+    if chosen and list(st.session_state.get("train_methods") or []) == list(chosen.methods):
+        st.info(f"**{chosen.label}** is filled in: {chosen.about}. Press **Launch** to start.",
+                icon=":material/compare_arrows:")
+
+
 def new_run_form(root: Path) -> None:
+    _presets_row()
     problems: list[str] = []
     left, right = st.columns(2, gap="large")
     with left:
@@ -373,12 +454,6 @@ def _watcher(run_dir: Path) -> watch.RunWatch:
     if key not in watchers:
         watchers[key] = watch.RunWatch(run_dir)
     return watchers[key]
-
-
-def _figures(run_dir: Path, snap: watch.Snapshot, w: watch.RunWatch):
-    """The run's loss, score and mask-density figures, each rebuilt only when its lines came."""
-    cache = st.session_state.setdefault(_FIGS_KEY, {}).setdefault(str(run_dir), {})
-    return watch.live_figures(w, snap, cache)
 
 
 def _status_line(root: Path, name: str, state: str, snap: watch.Snapshot | None) -> None:
@@ -452,10 +527,6 @@ def _actions(root: Path, name: str, state: str) -> None:
             except UserError as err:
                 st.error(str(err))
             st.rerun(scope="app")
-    elif state == "done":
-        st.page_link("views/compare.py", label="Open in Compare", icon=":material/compare_arrows:",
-                     query_params={common.QUERY_KEY: [name]},
-                     help="the Compare page with this run selected")
 
 
 def _runs_to_watch(root: Path) -> tuple[list[str], dict[str, str]]:
@@ -470,57 +541,142 @@ def _runs_to_watch(root: Path) -> tuple[list[str], dict[str, str]]:
     return list(states), states
 
 
-def live_panel(root: Path) -> None:
-    """The fragment's body: which run, its status, progress, actions and live charts."""
-    started = time.perf_counter()
-    names, states = _runs_to_watch(root)
-    if not names:
-        st.caption(f"No runs in `{root}` yet: launch one above.")
-        return
-    if st.session_state.get(_WATCH_KEY) not in names:
-        st.session_state[_WATCH_KEY] = names[0]
-    name = st.selectbox("Run", names, key=_WATCH_KEY,
-                        help="queued and running jobs first, then your runs, newest first")
-    state = states[name]
+def launch_groups(root: Path, names: list[str]) -> dict[str, list[str]]:
+    """The runs to watch together, in the order of ``names`` (active first, then newest):
+    the runs one Launch queued form one group (in launch order, named by its first run
+    still listed); every other run is a group of its own."""
+    launched = jobs.launch_groups(root)
+    listed = set(names)
+    groups: dict[str, list[str]] = {}
+    placed: set[str] = set()
+    for name in names:
+        if name in placed:
+            continue
+        members = [n for n in launched.get(name, [name]) if n in listed and n not in placed]
+        groups[members[0]] = members
+        placed.update(members)
+    return groups
+
+
+def _group_label(groups: dict[str, list[str]]):
+    def label(key: str) -> str:
+        members = groups.get(key, [key])
+        return key if len(members) == 1 else f"{' + '.join(members)} ({len(members)} runs)"
+    return label
+
+
+def _colors(root: Path, group: list[str]) -> dict[str, str]:
+    """Each run's colour as Compare gives it: every run listed, the bundled samples first,
+    then the user's by name (their colour does not depend on the samples' order), taken once
+    per group so that a colour never changes while the runs are watched."""
+    from analysis.figures.style import run_colors
+
+    cache = st.session_state.setdefault(_COLORS_KEY, {})
+    key = (str(root), tuple(group))
+    if key not in cache:
+        ids = set(common.list_all_runs()["id"]) | set(group)
+        samples = sorted(i for i in ids if i.startswith(common.SAMPLES_PREFIX))
+        yours = sorted(i for i in ids if not i.startswith(common.SAMPLES_PREFIX))
+        every = run_colors([*samples, *yours])
+        cache[key] = {name: every[name] for name in group}
+    return cache[key]
+
+
+def _run_block(root: Path, name: str, state: str, color: str | None):
+    """One run of the watched group: its name (in its chart colour), state, progress or how
+    it ended, and Cancel / Resume. Returns its watcher and snapshot (None before run.json)."""
     run_dir = root / name
     info = jobs.run_info(run_dir) or {}
     config = info.get("config") or {}
     what = " · ".join(str(x) for x in (info.get("method"), config.get("data")) if x)
-    st.markdown(f"**{name}** — {_STATE_LABELS.get(state, state)}" + (f" · {what}" if what else ""))
+    # the chart's colour of the run beside its name (a hex colour of the run palette only)
+    shown = f"**{name}**"
+    if color and re.fullmatch(r"#[0-9A-Fa-f]{6}", color):
+        shown = f'<span style="color:{color}">■</span> ' + shown
+    st.markdown(f"{shown} — {_STATE_LABELS.get(state, state)}" + (f" · {what}" if what else ""),
+                unsafe_allow_html=True)
     evaluated_on = overview.eval_text(info) if info else ""
     if evaluated_on:
         st.caption(f"Downstream score (D) measured on: {evaluated_on}.")
-    snap = None
+    w = snap = None
     if (run_dir / "run.json").exists():
         w = _watcher(run_dir)
         snap = w.poll()
     _status_line(root, name, state, snap)
     _actions(root, name, state)
-    if snap is not None:
-        # the heatmap's statistic (chosen by the selectbox below, kept in the session)
-        w.heatmap_value = st.session_state.get(_HEAT_KEY, "mask_density")
-        loss, scores, heat = _figures(run_dir, snap, w)
-        if scores is not None:
-            st.plotly_chart(scores, key=f"train_scores_{name}")
-        else:
-            st.caption("Scores appear when the step-0 evaluation (the base model) ends.")
-        if loss is not None:
-            st.plotly_chart(loss, key=f"train_loss_{name}")
-        if heat is not None:
-            st.selectbox(  # the statistics of the vocabulary (spider.statistics)
-                "Heatmap shows", list(watch.LIVE_HEATMAP_VALUES), key=_HEAT_KEY,
-                format_func=watch.live_value_label)
-            st.plotly_chart(heat, key=f"train_heat_{name}")
-        else:
-            every = config.get("log_every", "N")
-            what = "The layer heatmap appears" if loss is not None else (
-                "The loss curve and the layer heatmap appear")
-            st.caption(f"{what} as statistics are logged (every {every} steps).")
+    return w, snap
+
+
+def live_panel(root: Path) -> None:
+    """The fragment's body: which launch, each of its runs' status, progress and actions,
+    and one live chart of all of them (a colour per run, as on Compare)."""
+    started = time.perf_counter()
+    names, states = _runs_to_watch(root)
+    if not names:
+        st.caption(f"No runs in `{root}` yet: launch one above.")
+        return
+    groups = launch_groups(root, names)
+    if st.session_state.get(_WATCH_KEY) not in groups:
+        st.session_state[_WATCH_KEY] = next(iter(groups))
+    key = st.selectbox("Run", list(groups), key=_WATCH_KEY, format_func=_group_label(groups),
+                       help="queued and running jobs first, then your runs, newest first; "
+                            "the runs of one Launch are shown together")
+    group = groups[key]
+    colors = _colors(root, group) if len(group) > 1 else {}
+    watched = []
+    for name in group:
+        with st.container(border=len(group) > 1):
+            w, snap = _run_block(root, name, states[name], colors.get(name))
+        if snap is not None:
+            watched.append((w, snap))
+    written = [n for n in group if (root / n / "run.json").exists()]
+    if written and any(states[n] == "done" for n in group):
+        st.page_link("views/compare.py", label="Open in Compare",
+                     icon=":material/compare_arrows:", query_params={common.QUERY_KEY: written},
+                     help=f"the Compare page with {', '.join(written)} selected")
+    if watched:
+        _live_charts(root, watched, colors, states)
     busy_now = any(s in ("queued", "starting", "running") for s in states.values())
     st.session_state["train_refresh_ms"] = (time.perf_counter() - started) * 1000
     if busy_now != st.session_state.get("train_busy", False):
         st.session_state["train_busy"] = busy_now
         st.rerun(scope="app")  # start or stop refreshing
+
+
+def _live_charts(root: Path, watched: list, colors: dict[str, str], states: dict) -> None:
+    """Scores and loss of every watched run on one chart each; the layer heatmap of one."""
+    names = [w.name for w, _ in watched]
+    cache = st.session_state.setdefault(_FIGS_KEY, {}).setdefault(tuple(names), {})
+    loss, scores = watch.live_curves(watched, cache, colors)
+    tag = "_".join(names)
+    if scores is not None:
+        presentation.show_figure(scores, key=f"train_scores_{tag}")
+    else:
+        st.caption("Scores appear when the step-0 evaluation (the base model) ends.")
+    if loss is not None:
+        presentation.show_figure(loss, key=f"train_loss_{tag}")
+    # the heatmap is one run's: the one picked, else the run training now, else the first
+    by_name = dict(zip(names, watched))
+    if st.session_state.get(_HEAT_RUN_KEY) not in by_name:
+        running = [n for n in names if states.get(n) == "running"]
+        st.session_state[_HEAT_RUN_KEY] = (running or names)[0]
+    if len(names) > 1:
+        st.radio("Layer heatmap of", names, key=_HEAT_RUN_KEY, horizontal=True)
+    w, snap = by_name[st.session_state[_HEAT_RUN_KEY]]
+    # the heatmap's statistic (chosen by the selectbox below, kept in the session)
+    w.heatmap_value = st.session_state.get(_HEAT_KEY, "mask_density")
+    heat = watch.live_heatmap(w, snap, cache, titled=len(names) > 1)
+    if heat is not None:
+        st.selectbox(  # the statistics of the vocabulary (spider.statistics)
+            "Heatmap shows", list(watch.LIVE_HEATMAP_VALUES), key=_HEAT_KEY,
+            format_func=watch.live_value_label)
+        presentation.show_figure(heat, key=f"train_heat_{w.name}")
+    else:
+        config = (jobs.run_info(root / w.name) or {}).get("config") or {}
+        every = config.get("log_every", "N")
+        what = "The layer heatmap appears" if loss is not None else (
+            "The loss curve and the layer heatmap appear")
+        st.caption(f"{what} as statistics are logged (every {every} steps).")
 
 
 def explain_panel(root: Path) -> None:
@@ -575,7 +731,8 @@ if root.is_dir():
 busy = root.is_dir() and jobs.anything_running(root)
 st.session_state["train_busy"] = busy
 
-with st.expander("New run", expanded=not busy):
+preset = preset_from_address()  # before the form's widgets: it sets their values
+with st.expander("New run", expanded=not busy or preset is not None):
     new_run_form(root)
 
 st.subheader("Runs")

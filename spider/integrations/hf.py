@@ -47,6 +47,20 @@ With ``run_dir`` the callback writes the run directory of ``python -m spider.tra
 statistics every ``logging_steps``, checkpoints with the method's tensors at the Trainer's
 saves and at the end), through :mod:`spider.rundir`; ``analysis.load_run`` reads it like any
 other run. Process 0 alone writes it.
+
+Parallel set-ups (checked at ``on_train_begin``, which names what is supported otherwise):
+
+* one process, and DDP (every process holds whole tensors and the same averaged gradients);
+* FSDP2 (``TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})``: accelerate's
+  ``fully_shard``): the trained parameters are DTensors and each process holds a shard. The
+  method is built on the shards after the Trainer sharded the model and, as under
+  ``python -m spider.train --parallel fsdp``, all-reduces the per-tensor sums behind every rank
+  (``spider.importance``), so a shard gets exactly the mask of the whole tensor. Statistics
+  are measured on every process and reduced the same way; checkpoints gather whole tensors
+  (every process takes part) and process 0 writes them. Only methods marked ``shardable``
+  (``spider``, ``full``) run on shards;
+* refused: FSDP1 (flat parameters hide the tensors SPIDER ranks) and DeepSpeed (ZeRO keeps
+  gradients and weights in its own partitioned buffers, out of the hooks' reach).
 """
 
 from __future__ import annotations
@@ -64,7 +78,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from spider.methods import MethodBase, build_method, make_options, method_class
+from spider.distributed import as_logical, full, is_sharded, local, shard_of, sum_across
+from spider.methods import (
+    MethodBase,
+    available_methods,
+    build_method,
+    make_options,
+    method_class,
+)
 from spider.recorder import RunRecorder, run_summary
 from spider.rundir import (
     EvalEvent,
@@ -97,6 +118,11 @@ LORA_HELP = (
     "method 'lora' changes the model, so PEFT must wrap it before the Trainer is built: "
     "pass lora = build_method('lora', model) as SpiderCallback(lora) and lora.model as the "
     "Trainer's model, or wrap the model with peft.get_peft_model first (TRL: peft_config)")
+
+
+#: The parallel set-ups the callback supports, named in every refusal.
+SUPPORTED_SETUPS = ("supported: one process, DDP, or FSDP2 (TrainingArguments(fsdp=True, "
+                    "fsdp_config={'version': 2}))")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -153,6 +179,69 @@ def _adopt_peft_lora(model: nn.Module) -> MethodBase:
             self.targets = targets
 
     return AdoptedLora()
+
+
+def _deepspeed_stage(args) -> int | str | None:
+    """The ZeRO stage when the Trainer runs under DeepSpeed (``"?"`` when it cannot be told),
+    else None. Read from the arguments (``deepspeed=``, the config transformers parsed) and
+    from accelerate's process-wide state, which a launcher (``accelerate launch``) may have
+    set without either."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    config = getattr(config, "config", None)
+    if config is None and isinstance(getattr(args, "deepspeed", None), dict):
+        config = args.deepspeed
+    if isinstance(config, dict):
+        stage = (config.get("zero_optimization") or {}).get("stage")
+        return stage if stage is not None else "?"
+    if getattr(args, "deepspeed", None):
+        return "?"  # a config file transformers has not parsed (yet)
+    try:
+        from accelerate.state import PartialState
+    except ImportError:  # pragma: no cover - accelerate comes with the Trainer
+        return None
+    kind = PartialState._shared_state.get("distributed_type")
+    return "?" if str(getattr(kind, "value", kind)).upper() == "DEEPSPEED" else None
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def parallel_mode(args, model: nn.Module, method_name: str) -> str:
+    """``none``, ``ddp`` or ``fsdp`` (FSDP2: the trainable parameters are DTensors) for the
+    Trainer's set-up, or a ``ValueError`` of one line naming what is supported."""
+    stage = _deepspeed_stage(args)
+    if stage is not None:
+        zero = f" ZeRO-{stage}" if stage != "?" else ""
+        raise ValueError(f"SpiderCallback: DeepSpeed{zero} is not supported (ZeRO keeps "
+                         "gradients and weights in its own partitioned buffers, out of the "
+                         f"method's hooks); {SUPPORTED_SETUPS}")
+    if _is_fsdp1(model):
+        raise ValueError("SpiderCallback: FSDP1 (fsdp_config version 1) is not supported "
+                         "(its flat parameters hide the tensors the method ranks); "
+                         f"{SUPPORTED_SETUPS}")
+    if any(is_sharded(p) for p in model.parameters() if p.requires_grad):
+        if not method_class(method_name).shardable:
+            shardable = [n for n in available_methods() if method_class(n).shardable]
+            raise ValueError(f"SpiderCallback: method '{method_name}' does not support "
+                             "parameters sharded by FSDP2; use "
+                             f"{' or '.join(shardable)}, or train with DDP or one process")
+        return "fsdp"
+    return "ddp" if int(getattr(args, "world_size", 1) or 1) > 1 else "none"
+
+
+def _whole(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU, one at a time: a sharded one (FSDP2) is gathered, which every
+    process must take part in; only a process that ``keep``s holds the results."""
+    out = {}
+    for name, t in tensors.items():
+        whole = full(t.detach())
+        if keep:
+            out[name] = whole.contiguous().cpu().clone()
+        del whole
+    return out
 
 
 def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -264,6 +353,8 @@ class SpiderCallback(TrainerCallback):
         self.run = RunDir(run_dir) if run_dir is not None else None
         self.penalty_added = False
         self._writer: _RunWriter | None = None
+        #: none | ddp | fsdp, found at on_train_begin (``parallel_mode``)
+        self.parallel = "none"
 
     # -- building the method
     def _build(self, model: nn.Module, resuming: bool = False) -> MethodBase:
@@ -293,6 +384,11 @@ class SpiderCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = unwrap_model(model)
+        self.parallel = parallel_mode(args, model, self.method_name)
+        if self.parallel == "fsdp" and self._given is not None:
+            raise ValueError("SpiderCallback: under FSDP2 the Trainer shards the model after "
+                             "it is built, so the method must be built on the shards: give "
+                             f"SpiderCallback('{self.method_name}') the method's name")
         self.method = self._build(model, resuming=state.global_step > 0)
         self.penalty_added = False
         start_weights = None
@@ -300,7 +396,7 @@ class SpiderCallback(TrainerCallback):
             start_weights = self._load_state(args, state)
         if self.run is not None:
             self._writer = _RunWriter(self.run, self.method, model, args, state,
-                                      start_weights, self.options)
+                                      start_weights, self.options, self.parallel)
         self._plan_statistics(state, state.global_step + 1)
 
     # -- the optimizer step
@@ -342,8 +438,9 @@ class SpiderCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and folder.is_dir():
-            self._save_state(folder, state.global_step)
+        writes = bool(args.should_save and folder.is_dir())
+        if writes or self.parallel == "fsdp":  # every process gathers the shards
+            self._save_state(folder, state.global_step, writes)
         if self._writer is not None:
             self._writer.checkpoint(state.global_step, finalized=False)
 
@@ -356,15 +453,19 @@ class SpiderCallback(TrainerCallback):
             self._writer.finish(state.global_step)
 
     # -- the method's state in the Trainer's checkpoint folder
-    def _save_state(self, folder: Path, step: int) -> None:
+    def _save_state(self, folder: Path, step: int, writes: bool = True) -> None:
+        """The method's state as whole tensors (gathered under FSDP2: every process calls
+        this; the one that ``writes`` keeps them and writes the file)."""
         state = self.method.state_dict()
-        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state["tensors"].items()}
+        tensors = dict(state["tensors"])
         if self.method.restores_weights:
-            tensors.update({_TRAINED_PREFIX + n: p.detach().contiguous().cpu().clone()
-                            for n, p in self.method.params.items()})
+            tensors.update({_TRAINED_PREFIX + n: p for n, p in self.method.params.items()})
         if self._writer is not None:  # what the update norms are measured from
-            tensors.update({_START_PREFIX + k: v.contiguous().cpu()
+            tensors.update({_START_PREFIX + k: v
                             for k, v in self._writer.start_weights.items()})
+        tensors = _whole(tensors, keep=writes)
+        if not writes:
+            return
         meta = {_META_KEY: json.dumps({**state["meta"], "step": step})}
         atomic_write_bytes(folder / METHOD_STATE_FILE, safetensors_bytes(tensors, meta))
 
@@ -393,11 +494,17 @@ class SpiderCallback(TrainerCallback):
                 if unknown:
                     raise ValueError(f"tensor {unknown[0]} is not a trained parameter here")
                 with torch.no_grad():
-                    for name, tensor in trained.items():
-                        self.method.params[name].copy_(tensor)
+                    for name, tensor in trained.items():  # this process's shard under FSDP2
+                        param = self.method.params[name]
+                        local(param).copy_(shard_of(tensor, param))
                 self.method.load_state_dict({"meta": meta, "tensors": tensors})
             except (ValueError, RuntimeError) as err:
                 raise ValueError(f"SpiderCallback: {file} does not fit this run: {err}") from None
+            # the start weights sharded like the weights they are compared with
+            params = self.method.params
+            start = {k: (as_logical(shard_of(v, params[k]), params[k])
+                         if k in params and is_sharded(params[k]) else v)
+                     for k, v in start.items()}
             return start or None
         raise ValueError(
             f"SpiderCallback: the Trainer resumes at step {step} but no {METHOD_STATE_FILE} of "
@@ -409,12 +516,16 @@ class SpiderCallback(TrainerCallback):
 # ------------------------------------------------------------------------------ run directory
 class _RunWriter:
     """Writes the run directory of a Trainer run through ``spider.rundir``'s records and
-    writers (process 0 only; every process keeps the start weights for its checkpoints)."""
+    writers (process 0 only; every process keeps the start weights for its checkpoints).
+    Under FSDP2 every process measures (statistics are reduced over the shards, checkpoints
+    gathered) and process 0 writes."""
 
     def __init__(self, run: RunDir, method: MethodBase, model: nn.Module, args, state,
-                 start_weights: dict[str, torch.Tensor] | None, options: dict):
-        self.run, self.method = run, method
+                 start_weights: dict[str, torch.Tensor] | None, options: dict,
+                 parallel: str = "none"):
+        self.run, self.method, self.parallel = run, method, parallel
         self.is_main = bool(state.is_world_process_zero)
+        self.measures = self.is_main or parallel == "fsdp"
         self.last_log = (int(state.global_step), time.perf_counter())
         # a resumed Trainer with eval_on_start evaluates the resumed step again: its events
         # are in the log already
@@ -428,7 +539,12 @@ class _RunWriter:
         self.start_weights = start_weights
         self.info = RunInfoWriter(run, {}, enabled=self.is_main)
         # statistics rows, run.json and the summary: the same recorder as spider.train's
-        self.recorder = RunRecorder(run, method, start_weights, self.info, writes=self.is_main)
+        reduce = None
+        if parallel == "fsdp":  # the recorder's float64 sums, over the shards
+            device = local(next(iter(method.params.values()))).device
+            reduce = lambda sums: sum_across(sums.to(device)).cpu()  # noqa: E731
+        self.recorder = RunRecorder(run, method, start_weights, self.info, writes=self.is_main,
+                                    measures=self.measures, reduce=reduce)
         if not self.is_main:
             return
         if state.global_step == 0:
@@ -489,7 +605,7 @@ class _RunWriter:
             "model": {**reference, "given": source} if reference else None,
             "seed": int(args.seed),
             "device": str(args.device),
-            "parallel": {"mode": "ddp" if world > 1 else "none", "world_size": world},
+            "parallel": {"mode": self.parallel, "world_size": world},
             "trainable": {"total": {"trainable": trainable, "frozen": total - trainable}},
             "trainer": "transformers.Trainer",
             "steps": int(state.max_steps),
@@ -520,7 +636,7 @@ class _RunWriter:
     def statistics(self, step: int) -> None:
         """``layers.jsonl`` rows of ``step``: the method's statistics (from the update itself
         when it collected them, else one pass now) and the update norms."""
-        if not self.is_main or step in self.recorder.logged_steps:
+        if not self.measures or step in self.recorder.logged_steps:
             return
         method = self.method
         stats = (method.statistics() if method.collect_statistics
@@ -529,12 +645,20 @@ class _RunWriter:
 
     # -- checkpoints
     def checkpoint(self, step: int, finalized: bool) -> None:
+        if not self.measures:
+            return
+        if self.parallel == "fsdp":  # whole tensors, gathered one at a time
+            weights = {k: v.float() for k, v in
+                       _whole(self.method.effective_weights(), self.is_main).items()}
+            state = _whole(self.method.analysis_state(), self.is_main)
+        else:
+            weights = {k: v.detach().float() for k, v in self.method.effective_weights().items()}
+            state = {k: v.detach() for k, v in self.method.analysis_state().items()}
         if not self.is_main:
             return
         self.run.write_analysis_checkpoint(
-            step, {k: v.detach().float() for k, v in self.method.effective_weights().items()},
-            {k: v.detach() for k, v in self.method.analysis_state().items()},
-            finalized=finalized, method_meta=self.method.state_dict()["meta"])
+            step, weights, state, finalized=finalized,
+            method_meta=self.method.state_dict()["meta"])
         self.info.update_progress(saved_step=step)
 
     def finish(self, step: int) -> None:
@@ -579,5 +703,5 @@ def eval_events(step: int, logs: dict[str, Any]) -> list[EvalEvent]:
 _summary = run_summary  # the one summary of a run's evaluation events (spider.recorder)
 
 
-__all__ = ["LORA_HELP", "METHOD_STATE_FILE", "SpiderCallback", "SpiderTrainer",
-           "eval_events", "unwrap_model", "with_loss_penalty"]
+__all__ = ["LORA_HELP", "METHOD_STATE_FILE", "SUPPORTED_SETUPS", "SpiderCallback",
+           "SpiderTrainer", "eval_events", "parallel_mode", "unwrap_model", "with_loss_penalty"]

@@ -36,8 +36,9 @@ float32 by a stable sort (ties: the lower flat index trains). Which tensors get 
 convolutions, and linear layers the probes never reach (the projector with text-only probes)
 -- train densely, as in the released code (mask 1).
 
-Applied to gradients: a gradient hook on each masked weight zeroes its frozen entries before
-they are accumulated (so clipping sees only trainable entries, as in the released code), and
+Applied to gradients: a post-accumulate-gradient hook on each masked weight zeroes the frozen
+entries of its ``.grad`` in place at the end of backward (so clipping sees only trainable
+entries, as in the released code; one in-place pass, no new tensor), and
 frozen entries are excluded from weight decay (a step hook of every optimizer moves the decay
 of the groups holding masked weights onto their trainable entries only), so frozen entries
 stay bit-equal to theta0 under AdamW, Adam and SGD with or without decay.
@@ -464,6 +465,27 @@ def lowest_fraction(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return keep.view(score.shape)
 
 
+# integer types of the floating types' widths, to edit gradients bit for bit
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+         torch.float16: torch.int16}
+
+
+def zero_frozen_(grad: torch.Tensor, frozen: torch.Tensor) -> None:
+    """``grad[frozen] = 0`` in place, exactly (a NaN or inf there becomes +0 as well).
+
+    On CPUs ``masked_fill_`` with a bool mask runs element by element (~25x an ``add_``);
+    the same result comes from the gradient's bits as integers: ``bits - bits * frozen``
+    is ``bits`` where the mask is 0 and 0 (the bits of +0.0) where it is 1, one vectorised
+    pass with the bool mask read as uint8 (no copy of it, no temporary).
+    """
+    bits = _BITS.get(grad.dtype)
+    if grad.device.type != "cpu" or bits is None or grad.shape != frozen.shape:
+        grad.masked_fill_(frozen, 0)
+        return
+    as_int = grad.view(bits)
+    as_int.addcmul_(as_int, frozen.view(torch.uint8), value=-1)
+
+
 def _remove_handles(handles: list) -> None:
     for handle in handles:
         handle.remove()
@@ -601,7 +623,13 @@ class Dowser(MethodBase):
         p, frozen = self.params[name], self.frozen[name]
         self._by_id[id(p)] = p
         self._frozen_by_id[id(p)] = frozen
-        self._handles.append(p.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0)))
+        # Zero the frozen entries of p.grad in place, once the backward pass has accumulated
+        # into it: no new gradient tensor per step (a tensor hook must return a fresh one),
+        # and clipping, which runs after backward, still sees only trainable entries.
+        def zero_frozen(param: torch.Tensor, frozen: torch.Tensor = frozen) -> None:
+            zero_frozen_(param.grad, frozen)
+
+        self._handles.append(p.register_post_accumulate_grad_hook(zero_frozen))
 
     def _unwatch(self) -> None:
         _remove_handles(self._handles)

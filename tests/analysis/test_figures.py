@@ -380,3 +380,109 @@ def test_component_colours_are_never_run_or_method_colours():
     assert nearest > 25
     assert min(np.linalg.norm(_lab(a) - _lab(b)) for a in components for b in components
                if a != b) > 10
+
+
+# --------------------------------------------------------------------------------------------
+# presentation mode (issue 25, item 3)
+# --------------------------------------------------------------------------------------------
+
+
+def _small_text_figure() -> go.Figure:
+    """Every kind of chart text, each set small (10-13 px), as the figure modules do."""
+    return go.Figure(
+        data=[
+            go.Heatmap(z=[[0.1, 0.2], [0.3, 0.4]], texttemplate="%{z:.2f}",
+                       textfont={"size": 11}, colorbar={"title": {"text": "value"}}),
+            go.Scatter(x=[0, 1], y=[0, 1], mode="markers+text", text=["a", "b"],
+                       textfont={"size": 12, "color": "red"}, name="run", xaxis="x2",
+                       yaxis="y2"),
+            go.Contour(z=[[1, 2], [3, 4]], contours={"showlabels": True,
+                                                      "labelfont": {"size": 10}},
+                       showscale=False, xaxis="x2", yaxis="y2"),
+        ],
+        layout={
+            "title": {"text": "A long title that a projector's narrow chart cannot hold on "
+                              "one line<br><sup>and a subtitle under it</sup>",
+                      "font": {"size": 14}},
+            "xaxis": {"domain": [0, 0.45], "title": {"text": "training step"}},
+            "xaxis2": {"domain": [0.55, 1], "anchor": "y2", "tickfont": {"size": 10}},
+            "yaxis2": {"anchor": "x2"},
+            "legend": {"font": {"size": 12}, "x": 1.02},
+            "annotations": [{"text": "Upstream: pre-training ability kept after fine-tuning",
+                             "x": 0.225, "y": 1.0, "xref": "paper", "yref": "paper",
+                             "yanchor": "bottom", "showarrow": False, "font": {"size": 13}}],
+            "height": 300,
+        },
+    )
+
+
+def _font_sizes(fig: go.Figure) -> dict[str, float]:
+    layout = fig.layout
+    sizes = {"layout": layout.font.size, "title": layout.title.font.size,
+             "legend": layout.legend.font.size, "x ticks": layout.xaxis.tickfont.size,
+             "x2 ticks": layout.xaxis2.tickfont.size, "y2 ticks": layout.yaxis2.tickfont.size,
+             "x title": layout.xaxis.title.font.size,
+             "annotation": layout.annotations[0].font.size,
+             "cell text": fig.data[0].textfont.size,
+             "colour bar ticks": fig.data[0].colorbar.tickfont.size,
+             "colour bar title": fig.data[0].colorbar.title.font.size,
+             "marker text": fig.data[1].textfont.size,
+             "contour labels": fig.data[2].contours.labelfont.size}
+    return {k: (v or 0) for k, v in sizes.items()}
+
+
+def test_presentation_layout_raises_every_chart_text_to_16_px_and_leaves_the_input_alone():
+    from analysis.figures.style import PRESENTATION_FONT, presentation_layout
+
+    fig = _small_text_figure()
+    before = fig.to_json()
+    shown = presentation_layout(fig, 780)
+    assert fig.to_json() == before  # a copy: the cached figure is not changed
+    assert max(_font_sizes(fig).values()) < PRESENTATION_FONT  # the test means something
+    sizes = _font_sizes(shown)
+    assert min(sizes.values()) >= PRESENTATION_FONT, sizes
+    assert sizes["title"] >= 20
+    # plotly draws <sup> at 70 %: under 16 px, so it becomes text of its own size
+    assert "<sup>" not in shown.layout.title.text
+    assert f'<span style="font-size:{PRESENTATION_FONT}px">and a subtitle' in \
+        shown.layout.title.text
+    # a colour of its own is kept, the rest is near black
+    assert shown.data[1].textfont.color == "red" and shown.layout.font.color == "#262730"
+    # margins that plotly grows for labels, and a legend that wraps under the plot
+    assert shown.layout.xaxis.automargin and shown.layout.yaxis2.automargin
+    assert shown.layout.legend.orientation == "h" and shown.layout.legend.yref == "container"
+    assert shown.layout.height > fig.layout.height
+
+
+def _lines(text: str) -> list[str]:
+    import re
+
+    return [re.sub(r"<[^>]+>", "", line) for line in text.split("<br>")]
+
+
+def test_presentation_layout_wraps_titles_to_the_width_they_get():
+    from analysis.figures.style import _CHAR_WIDTH, presentation_layout
+
+    fig = _small_text_figure()
+    narrow, wide = presentation_layout(fig, 500), presentation_layout(fig, 1600)
+    # the figure's title fits the chart's width at 20 px; a narrow chart takes more lines
+    for shown, width in ((narrow, 500), (wide, 1600)):
+        assert max(len(line) for line in _lines(shown.layout.title.text)) * _CHAR_WIDTH * 20 \
+            <= width - 40
+    assert len(_lines(narrow.layout.title.text)) > len(_lines(wide.layout.title.text)) >= 2
+    # a panel title fits its panel (45 % of the plot), words kept whole and in order
+    panel = narrow.layout.annotations[0].text
+    assert len(_lines(panel)) >= 2
+    assert " ".join(_lines(panel)) == fig.layout.annotations[0].text
+    assert max(len(line) for line in _lines(panel)) * _CHAR_WIDTH * 16 <= (500 - 120) * 0.45
+    # the top margin holds the title's lines and the panel titles' lines over the plot
+    lines = len(_lines(narrow.layout.title.text)) * 20 + len(_lines(panel)) * 16
+    assert narrow.layout.margin.t >= 1.3 * lines
+
+
+def test_presentation_wrap_never_splits_a_tag():
+    from analysis.figures.style import _wrap
+
+    text = _wrap("one two <span style='font-size:16px'>three four</span> five", 60, 16)
+    assert "<span style='font-size:16px'>" in text
+    assert all(line.count("<") == line.count(">") for line in text.split("<br>"))

@@ -16,6 +16,7 @@ from analysis import explore
 from analysis.figures import layer_step_heatmap
 from analysis.figures.heatmaps import FROZEN_COLOR
 from analysis.tensors import parameter_status, train_setting
+from tests.sample_logs import layers_jsonl_lines
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "runs"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -61,7 +62,7 @@ def test_trained_but_not_logged_is_not_frozen(tmp_path):
     info["config"]["train_last_layers"] = 2
     info["model"].pop("relative")
     (out / "run.json").write_text(json.dumps(info))
-    rows = [line for line in (SAMPLES / "spider-attn" / "layers.jsonl").read_text().splitlines()
+    rows = [line for line in layers_jsonl_lines(SAMPLES / "spider-attn")
             if ".layers.3." not in json.loads(line)["param"]]
     (out / "layers.jsonl").write_text("\n".join(rows) + "\n")
     shutil.copy(SAMPLES / "spider-attn" / "metrics.jsonl", out / "metrics.jsonl")

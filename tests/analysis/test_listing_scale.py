@@ -37,14 +37,14 @@ def test_a_file_changed_after_the_record_is_read_and_named(tmp_path):
     run = finished_copy(SAMPLES / "spider", tmp_path / "runs" / "damaged")
     finished_copy(SAMPLES / "spider", tmp_path / "runs" / "healthy")
     assert rundir.RunDir(run).listing_current(rundir.RunDir(run).read_run())
-    layers = run / rundir.LAYERS_FILE
+    layers, = rundir.RunDir(run).layers_files()  # the log, or the compacted Parquet file
     data = layers.read_bytes()
     layers.unlink()  # a hard link: replace, not change the shared file
     layers.write_bytes(data[:100] + b"not json\n" + data[100:])
     listed = list_runs(tmp_path / "runs").set_index("name")
     assert listed.loc["healthy", "ok"]
     assert not listed.loc["damaged", "ok"]
-    assert rundir.LAYERS_FILE in listed.loc["damaged", "problem"]
+    assert layers.name in listed.loc["damaged", "problem"]
 
 
 def test_a_checkpoint_gone_or_added_is_noticed(tmp_path):

@@ -27,11 +27,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "app" / "streamlit_app.py"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
@@ -139,22 +134,6 @@ def streamlit_server(tmp_path_factory):
     """The app served once per test process (see :func:`start_server`)."""
     with start_server(tmp_path_factory.mktemp("server")) as server:
         yield server
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's Chromium through Playwright. Missing Chromium fails (never skips): the
-    ``make test`` set-up installs it."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing; run `bash scripts/setup_browser.sh` "
-                    "(installs Debian's chromium package)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                             headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

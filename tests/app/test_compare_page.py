@@ -75,13 +75,13 @@ def test_table_lists_every_sample_with_its_scores(app_page):
     chosen = [at.dataframe[0].value["run"].tolist()[i] for i in range(2)]
     assert chosen == ["samples/spider", "samples/full"]  # chosen runs are listed first
     assert at.query_params["runs"][:2] == ["samples/spider", "samples/full"]
-    assert len(at.query_params["runs"]) == len(at.multiselect[0].value)
+    assert len(at.query_params["runs"]) == len(at.multiselect(key="compare_pick").value)
 
 
 def test_choosing_runs_updates_the_url_and_the_trade_off_plane(app_page):
     at = app_page("compare", query={"runs": ["samples/spider"]})
-    assert at.multiselect[0].value == [str(SAMPLES / "spider")]
-    at.multiselect[0].select(str(SAMPLES / "full")).run()
+    assert at.multiselect(key="compare_pick").value == [str(SAMPLES / "spider")]
+    at.multiselect(key="compare_pick").select(str(SAMPLES / "full")).run()
     assert not at.exception
     assert at.query_params["runs"] == ["samples/spider", "samples/full"]
     points = final_points(chart(at, "Trade-off"))
@@ -164,8 +164,8 @@ def test_runs_scored_on_different_numbers_of_examples_are_flagged(app_page, runs
     at = app_page("compare", query={"runs": ["few", "samples/spider"]})
     assert not at.exception
     table = at.dataframe[0].value.set_index("run")
-    assert table.loc["few", "D measured on"] == "test split (20 examples)"
-    assert table.loc["samples/spider", "D measured on"] == "test split (100 examples)"
+    assert table.loc["few", "D measured on"] == "test split (20 of 300)"
+    assert table.loc["samples/spider", "D measured on"] == "test split (100 of 300)"
     warning = " ".join(w.value for w in at.warning)
     assert "different numbers of examples" in warning and "few: 20" in warning
     assert "samples/spider: 100" in warning
@@ -176,7 +176,7 @@ def test_runs_table_columns_fit_their_contents(app_page):
     spec = json.loads(at.dataframe[0].proto.columns)
     table = at.dataframe[0].value
     # scores and "D measured on" come right after the run, method and status
-    assert list(table.columns[:7]) == ["run", "method", "status", "U", "D", "H",
+    assert list(table.columns[:8]) == ["chosen", "run", "method", "status", "U", "D", "H",
                                        "D measured on"]
     for column in ("method", "options", "D measured on"):
         width = spec[column]["width"]
@@ -192,12 +192,25 @@ def test_post_hoc_methods_are_said_to_act_after_training(app_page):
     assert not any("act after training" in c.value for c in at.caption)
 
 
-def test_runs_without_drift_metrics_are_said_to_lack_them(app_page):
-    at = app_page("compare", query={"runs": ["samples/spider", "samples/full"]})
+def test_runs_without_drift_metrics_are_said_to_lack_them(app_page, runs_dir):
+    from analysis.figures.attribution import DRIFT_METRICS
+
+    for name, source in (("old-spider", "spider"), ("old-full", "full")):
+        # runs made before the drift metrics existed: the same logs without them
+        path = copy_run(source, runs_dir / name)
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if not any(f'"{m}"' in line for m in DRIFT_METRICS)]
+        assert len(kept) < len(lines)
+        (path / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    at = app_page("compare", query={"runs": ["old-spider", "old-full"]})
     assert not at.exception
     notes = [i.value for i in at.info if "no drift metrics" in i.value]
     assert len(notes) == 1 and notes[0].count(".") == 1  # one sentence
     assert not any("kl_to_base" in str(s["layout"].get("title")) for s in charts(at))
+    # the bundled samples carry them: no such note, and the drift curves are drawn
+    at = app_page("compare", query={"runs": ["samples/spider", "samples/full"]})
+    assert not any("no drift metrics" in i.value for i in at.info)
+    assert chart(at, "Output drift")
 
 
 def test_drift_curves_and_forgetting_against_kl_across_runs(app_page, runs_dir):
@@ -221,3 +234,25 @@ def test_drift_curves_and_forgetting_against_kl_across_runs(app_page, runs_dir):
     for name, source in (("drifted", "full"), ("kept", "spider")):
         summary = analysis.load_run(SAMPLES / source).summary.iloc[0]
         assert points[name] == pytest.approx((kl[name], summary["F"]))
+
+
+def test_chosen_runs_are_ticked_and_first_and_the_score_columns_have_words(app_page):
+    """Issue 25, item 6: with two runs chosen the table says which (ticked, listed first, or
+    alone with the toggle) and the score letters carry their words in the headers."""
+    at = app_page("compare", query={"runs": ["samples/full", "samples/spider"]})
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert table["run"].tolist()[:2] == ["samples/full", "samples/spider"]
+    assert table["chosen"].tolist() == [True, True] + [False] * (len(table) - 2)
+    assert len(table) == len(analysis.list_runs(SAMPLES))
+    spec = json.loads(at.dataframe[0].proto.columns)
+    headers = {letter: spec[letter]["label"] for letter in "UDHEFO"}
+    assert headers == {"U": "U upstream", "D": "D downstream", "H": "H balance",
+                       "E": "E task gained", "F": "F upstream change", "O": "O overall"}
+    assert all(len(spec[letter]["help"]) > 10 for letter in "UDHEFO")
+    assert any("2 chosen, ticked and listed first" in c.value for c in at.caption)
+
+    at.toggle(key="compare_only_chosen").set_value(True).run()
+    table = at.dataframe[0].value
+    assert table["run"].tolist() == ["samples/full", "samples/spider"]
+    assert table["chosen"].all()

@@ -117,7 +117,8 @@ def test_runs_folder_typed_in_the_sidebar_is_listed_or_refused(streamlit_server,
         page.locator("[data-testid='stSidebar'] [data-testid='stAlert']").wait_for(
             state="detached", timeout=90_000)
         wait_idle(page)
-        page.locator("[data-testid='stMultiSelect'] input").first.click()
+        page.locator("[data-testid='stMultiSelect']", has_text="Runs to compare").locator(
+            "input").click()  # the chooser (the filters above it are multiselects too)
         page.get_by_role("option", name="moved-run (spider)", exact=True).wait_for(
             timeout=90_000)
         assert page.locator("[data-testid='stException']").count() == 0

@@ -37,7 +37,7 @@ def test_typing_full_and_enter_picks_one_method_and_one_run(streamlit_server, br
     page = browser_page
     page.goto(streamlit_server.url)
     wait_idle(page)
-    page.get_by_role("link", name="Train").click()
+    page.get_by_role("link", name="Train", exact=True).click()  # not the tour's "Train: ..."
     wait_idle(page)
     page.get_by_role("spinbutton", name="Steps", exact=True).wait_for()
     assert _chips(page, "Methods") == ["spider"]

@@ -45,7 +45,8 @@ def _new_runs(runs_dir: Path, before: set[str]) -> list[Path]:
 def _open_train(page, url: str) -> None:
     page.goto(url)
     wait_idle(page, 120)
-    page.get_by_role("link", name="Train").click()
+    # exact: the Learn page also links to "Train: SPIDER vs full" (a preset)
+    page.get_by_role("link", name="Train", exact=True).click()
     wait_idle(page, 120)
     page.get_by_role("spinbutton", name="Steps", exact=True).wait_for()
 

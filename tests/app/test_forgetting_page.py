@@ -69,10 +69,18 @@ def test_the_page_shows_what_reverting_buys_back_and_the_drift(app_page, forgot_
     assert chart(at, "Output drift")
 
 
-def test_a_run_without_attribution_says_how_to_compute_it(app_page):
-    at = app_page("forgetting", query={"runs": ["samples/full"]})
+def test_a_run_without_attribution_says_how_to_compute_it(app_page, runs_dir):
+    # the full sample's logs without its attribution, and without drift metrics (as a run
+    # made before they were added)
+    path = runs_dir / "unattributed"
+    shutil.copytree(SAMPLES / "full", path, ignore=shutil.ignore_patterns(
+        "checkpoints", "attribution.jsonl"))
+    metrics = path / "metrics.jsonl"
+    metrics.write_text("".join(line for line in metrics.read_text().splitlines(True)
+                               if not any(m in line for m in DRIFT_METRICS)))
+    at = app_page("forgetting", query={"runs": ["unattributed"]})
     assert not at.exception
+    assert at.selectbox[0].value == str(path)
     assert any("python -m analysis.attribute" in c.value for c in at.code)
-    # the sample runs were made before the drift metrics
     assert any("no drift metrics" in i.value for i in at.info)
     assert not [s for s in charts(at) if "Reverting" in str(s["layout"].get("title"))]

@@ -199,3 +199,47 @@ def test_mlp_gate_up_run_names_down_proj_frozen(app_page):
     assert not at.exception
     captions = " ".join(c.value for c in at.caption)
     assert "--train mlp_gate_up" in captions and "MLP: down" in captions
+
+
+def test_the_page_says_why_share_and_mean_of_g_minus_i_disagree(app_page):
+    """Issue 25 item 6: more than half the weights have G > I while the mean G − I is below
+    0; the page says why in one sentence, with the run's own numbers at the shown step."""
+    at = app_page("layers", query={"runs": ["samples/spider"]})
+    layers = analysis.load_run(SAMPLES / "spider").layers
+    rows = layers[layers["step"] == layers["step"].max()]
+    w = rows["numel"] / rows["numel"].sum()
+
+    def mean(column):
+        return float((rows[column] * w).sum())
+
+    share = mean("frac_ft_gt_pre")
+    gap = mean("importance_ft_mean") - mean("importance_pre_mean")
+    spread_i = (mean("importance_pre_sq_mean") - mean("importance_pre_mean") ** 2) ** 0.5
+    spread_g = (mean("importance_ft_sq_mean") - mean("importance_ft_mean") ** 2) ** 0.5
+    (sentence,) = [c.value for c in at.caption if "Share and mean can disagree" in c.value]
+    assert f"here {share:.0%} of the weights have G > I, mean G − I = {gap:+.4f}" in sentence
+    assert f"(spread {spread_g:.2f}) than I ({spread_i:.2f})" in sentence
+    # the reason given holds on this run: G is bunched nearer its middle than I
+    assert spread_g < spread_i
+
+
+def test_every_view_setting_comes_from_the_address(app_page):
+    """Issue 25 item 4: heatmap value, step, colour scale, filters and runs from the URL."""
+    layers = analysis.load_run(SAMPLES / "spider").layers
+    first = int(layers["step"].min())
+    at = app_page("layers", query={
+        "runs": ["samples/spider", "samples/full"], "layers_value": "Mean G − I",
+        "layers_step": str(first), "layers_scale_discrepancy_mean": "fitted to each run",
+        "layers_components": ["language model"]})
+    assert not at.exception
+    assert [s.value for s in at.selectbox[:3]] == [
+        str(SAMPLES / "spider"), str(SAMPLES / "full"), "discrepancy_mean"]
+    assert at.select_slider(key="layers_step").value == first
+    assert at.radio(key="layers_scale_discrepancy_mean").value == "fitted"
+    assert at.multiselect(key="layers_components").value == ["llm"]
+    spec = heatmaps(at)[0]
+    assert "Mean G − I" in spec["layout"]["title"]["text"]
+    assert all(name.startswith("language model") for name in spec["data"][0]["y"])
+    # picking another run here writes the pair to ?runs=
+    at.selectbox[1].set_value("(none)").run()
+    assert at.query_params["runs"] == "samples/spider"

@@ -83,12 +83,12 @@ def test_sliders_toggles_and_reseed_change_the_mask(app_page):
 
 def test_start_here_links_select_the_sample_runs(app_page):
     at = app_page("learn")
-    links = {link.proto.label: link.proto for link in at.page_link}
-    assert {"Compare", "Layers", "Parameters"} <= set(links)
-    assert "runs=samples%2Fspider" in links["Compare"].query_string
-    assert "runs=samples%2Ffull" in links["Compare"].query_string
+    links = {link.proto.label.split(": ")[0]: link.proto for link in at.page_link}
+    assert {"1 · Compare", "2 · Layers", "3 · Parameters"} <= set(links)
+    assert "runs=samples%2Fspider" in links["1 · Compare"].query_string
+    assert "runs=samples%2Ffull" in links["1 · Compare"].query_string
     assert "param=model.language_model.layers.3.mlp.down_proj.weight" in \
-        links["Parameters"].query_string
+        links["3 · Parameters"].query_string
     assert not any(link.disabled for link in links.values())
 
 
@@ -116,7 +116,34 @@ def test_no_normalisation_under_the_binary_mask_says_why_nothing_changes(app_pag
     assert binary != before
     # the normalisation's divisor is named in words, not as the ambiguous mean(w>0)
     formulas = " ".join(e.value for e in at.get("latex"))
-    assert "mean(w>0)" not in formulas.replace(" ", "") and "over the weights with" in formulas
+    assert "mean(w>0)" not in formulas.replace(" ", "")
+    assert r"\bar w_{+}=\frac{\sum_{i:\,w_i>0} w_i}{\#\{i : w_i>0\}}" in formulas
+    assert any("not the share of weights that are free" in c.value for c in at.caption)
+
+
+def test_the_example_is_in_the_address(app_page):
+    """Issue 25 item 4: a link or a reload with the example's settings shows that example,
+    the seed included; re-seeding writes the new seed to the address."""
+    query = {"learn_steps": "25", "learn_lr": "0.05", "learn_noise": "2.5",
+             "learn_accumulate": "|gradient| (ablation)", "learn_seed": "2"}
+    at = app_page("learn", query=query)
+    settings = ExampleSettings(steps=25, lr=0.05, noise=2.5, accumulate="abs", seed=2)
+    _check(at, settings)
+    assert any(c.value == "seed 2" for c in at.caption)
+    at.button(key="learn_reseed").click().run()
+    _check(at, ExampleSettings(steps=25, lr=0.05, noise=2.5, accumulate="abs", seed=3))
+    assert at.query_params["learn_seed"] == "3"
+    # a seed that is not a number is ignored, not a traceback
+    at = app_page("learn", query={"learn_seed": "x1"})
+    _check(at, ExampleSettings())
+
+
+def test_the_float_rounding_detail_is_collapsed_for_the_careful_reader(app_page):
+    at = app_page("learn")
+    (careful,) = [e for e in at.expander if e.label.startswith("For the careful reader")]
+    assert not careful.proto.expanded
+    # the ulps table lives inside it, not on the page's main flow
+    assert len(careful.dataframe) == 1 and "ulps" in careful.dataframe[0].value.columns
 
 
 def test_why_it_forgot_is_explained_with_links_to_its_pages(app_page):

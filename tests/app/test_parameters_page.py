@@ -302,3 +302,37 @@ def test_a_tensor_the_run_did_not_train_is_listed_as_frozen(app_page):
     assert "is frozen: not trained in this run (`--train mlp_gate_up`)" in notes
     assert "did not save the tensor" not in notes
     assert not at.get("plotly_chart")
+
+
+def test_the_bf16_rounding_is_a_sentence_beside_free_and_unchanged(app_page, runs_dir):
+    """Issue 25, item 6: "free to move" beside a larger "unchanged" share is explained on
+    the page (not in a tooltip): checkpoints saved in bf16 round small updates back to θ0."""
+    from analysis.tensors import tensor_views
+
+    run = analysis.load_run(SAMPLES / "spider")
+    dtype = run.config["save_dtype"]
+    assert dtype != "float32"  # the samples are saved in bf16, as the issue saw them
+    views = tensor_views(run, run.steps[-1], DOWN)
+    unchanged = float((views["delta"] == 0).double().mean())
+    pinned = float((views["mask"] == 0).double().mean())
+    assert unchanged > pinned  # what made the two numbers read as a contradiction
+
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    assert not at.exception
+    shown = _metrics(at)
+    assert shown["Weights unchanged (Δ = 0)"] == f"{unchanged:.2%}"
+    sentence = [m.value for m in at.markdown if m.value.startswith("**Why Δ = 0")]
+    assert len(sentence) == 1
+    assert f"Why Δ = 0 for {unchanged:.2%} of the weights while only {pinned:.2%} were " \
+        "pinned" in sentence[0]
+    assert f"saved its checkpoints in {dtype}" in sentence[0]
+    assert "rounds back to θ0" in sentence[0]
+
+    # a run that saved float32 has no rounding to explain
+    shutil.copytree(SAMPLES / "spider", runs_dir / "f32")
+    info = json.loads((runs_dir / "f32" / "run.json").read_text())
+    info["config"]["save_dtype"] = "float32"
+    (runs_dir / "f32" / "run.json").write_text(json.dumps(info))
+    at = app_page("parameters", query={"runs": ["f32"], "param": DOWN})
+    assert not at.exception
+    assert not any(m.value.startswith("**Why Δ = 0") for m in at.markdown)

@@ -212,3 +212,102 @@ def test_a_cancelled_run_says_the_step_it_reached(app_page, runs_dir):
     (warning,) = [w.value for w in at.warning if "Cancelled" in w.value]
     assert warning.startswith("Cancelled at step 40 of 5000.")
     assert "continues from the last one, at step 40" in warning
+
+
+# ----------------------------------------------------------------------------- presets, launches
+def _page_links(at) -> list:
+    return [e.proto for e in at.get("page_link")]
+
+
+def test_the_spider_vs_full_preset_fills_the_form_from_the_address_and_never_launches(
+        app_page, runs_dir, monkeypatch):
+    monkeypatch.setattr(jobs, "ensure_supervisor", lambda root: False)
+    at = app_page("train", query={"preset": "spider_vs_full"})
+    assert not at.exception and not _errors(at)
+    assert at.multiselect(key="train_methods").value == ["spider", "full"]
+    assert at.number_input(key="train_steps").value == DEFAULTS["steps"]
+    assert any("SPIDER vs full" in i.value and "Launch" in i.value for i in at.info)
+    assert not jobs.pending_jobs(runs_dir)  # filled in, not launched
+    assert "preset" not in at.query_params  # applied once: a rerun keeps the user's edits
+    at.number_input(key="train_steps").set_value(7).run()
+    assert at.multiselect(key="train_methods").value == ["spider", "full"]
+    assert at.number_input(key="train_steps").value == 7
+    _launch(at).click().run()
+    assert not at.exception and not _errors(at)
+    queued = jobs.pending_jobs(runs_dir)
+    assert [q.args[q.args.index("--method") + 1] for q in queued] == ["spider", "full"]
+    assert all(q.args[q.args.index("--steps") + 1] == "7" for q in queued)
+    # the two runs are one launch: watched together, one Cancel each
+    names = [q.name for q in queued]
+    assert jobs.launch_groups(runs_dir)[names[1]] == names
+    assert at.selectbox(key="train_watch_run").value == names[0]
+    assert sum(b.label == "Cancel" for b in at.button) == 2
+    assert sum("Queued" in i.value for i in at.info) == 2
+
+
+def test_the_preset_button_puts_back_the_defaults_and_sets_the_methods(app_page):
+    at = app_page("train")
+    at.multiselect(key="train_methods").set_value(["lora"]).run()
+    at.number_input(key="train_steps").set_value(3).run()
+    next(b for b in at.button if b.key == "train_preset_spider_vs_full").click().run()
+    assert not at.exception
+    assert at.multiselect(key="train_methods").value == ["spider", "full"]
+    assert at.number_input(key="train_steps").value == DEFAULTS["steps"]
+    assert at.text_input(key="train_opt_spider_mask").value == "weighted"
+    assert not _errors(at) and not _launch(at).disabled
+
+
+def test_an_unknown_preset_in_the_address_is_named_in_one_sentence(app_page):
+    at = app_page("train", query={"preset": "nope"})
+    assert not at.exception
+    (warning,) = [w.value for w in at.warning if "preset" in w.value]
+    assert "“nope”" in warning and "spider_vs_full" in warning
+    assert at.multiselect(key="train_methods").value == ["spider"]
+
+
+def _done_run(runs_dir: Path, name: str, method: str, step_scores: list[tuple[int, float]]):
+    run = _run(runs_dir, name, status="done", method=method,
+               progress={"step": 6, "steps": 6}, summary={"U": 0.5, "D": 0.4, "H": 0.44})
+    lines = [{"event": "train", "step": s, "loss": 1.0 / (s + 1), "lr": 1e-3, "seconds": 0.1}
+             for s in range(1, 7)]
+    for step, score in step_scores:
+        lines += [{"event": "eval", "step": step, "split": split, "metric": "score",
+                   "value": score, "n": 5} for split in ("upstream", "downstream")]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def test_the_runs_of_one_launch_share_the_live_chart_and_open_together_in_compare(
+        app_page, runs_dir):
+    from analysis.figures.style import run_colors
+
+    _done_run(runs_dir, "pair-spider", "spider", [(0, 0.5), (3, 0.6), (6, 0.7)])
+    _done_run(runs_dir, "pair-full", "full", [(0, 0.5), (3, 0.3), (6, 0.2)])
+    time.sleep(0.01)
+    _done_run(runs_dir, "alone", "spider", [(0, 0.5)])  # newest, launched on its own
+    jobs._record_launch(runs_dir, ["pair-spider", "pair-full"])
+    at = app_page("train")
+    assert not at.exception
+    box = at.selectbox(key="train_watch_run")
+    assert box.options == ["alone", "pair-spider + pair-full (2 runs)"]
+    box.set_value("pair-spider").run()
+    assert not at.exception
+    # both runs' status, each with its chart colour beside the name
+    for name in ("pair-spider", "pair-full"):
+        assert any(f"**{name}**" in m.value and "done" in m.value for m in at.markdown)
+    assert sum(s.value.startswith("Done.") for s in at.success) == 2
+    # one scores chart with both runs, coloured as Compare colours them (samples first)
+    charts = {c.proto.id: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    scores = next(spec for spec in charts.values()
+                  if "Scores over training" in spec["layout"]["title"]["text"])
+    named = {t["name"]: t["line"]["color"] for t in scores["data"] if t.get("showlegend")}
+    from app import common
+
+    ids = list(common.list_all_runs()["id"])
+    samples = sorted(i for i in ids if i.startswith("samples/"))
+    expected = run_colors([*samples, *sorted(i for i in ids if not i.startswith("samples/"))])
+    assert named == {"pair-spider (spider)": expected["pair-spider"],
+                     "pair-full (full)": expected["pair-full"]}
+    assert expected["pair-spider"] != expected["pair-full"]
+    (link,) = [p for p in _page_links(at) if p.label == "Open in Compare"]
+    assert link.query_string == "runs=pair-spider&runs=pair-full"

@@ -9,6 +9,7 @@ from pathlib import Path
 from app import watch
 from spider import statistics
 from spider.rundir import RunDir
+from tests.sample_logs import expand_to_jsonl
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "runs" / "spider"
 
@@ -16,6 +17,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "sample_checkpoints" / "runs" / "
 def test_the_live_view_reads_new_lines_only_and_offers_every_heatmap_value(tmp_path):
     run_dir = tmp_path / "spider"
     shutil.copytree(SAMPLE, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    expand_to_jsonl(run_dir)  # a run of this size writes its statistics log as it goes
     w = watch.RunWatch(run_dir)
     snap = w.poll()
     assert snap.changed and not w.poll().changed

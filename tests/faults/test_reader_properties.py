@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import analysis
 from spider.errors import UserError
 from spider.naming import ParamName, parse_param_name
+from tests.sample_logs import layers_jsonl_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample_checkpoints" / "runs" / "spider"
@@ -100,9 +101,9 @@ def _fresh_run(directory: Path) -> Path:
     info = json.loads((SAMPLE / "run.json").read_text())
     info["model"] = {"path": str(BASE), "relative": "", "given": str(BASE)}
     (run / "run.json").write_text(json.dumps(info))
-    for name, keep in (("metrics.jsonl", 60), ("layers.jsonl", 40)):
-        lines = (SAMPLE / name).read_text().splitlines(keepends=True)[:keep]
-        (run / name).write_text("".join(lines))
+    metrics = (SAMPLE / "metrics.jsonl").read_text().splitlines(keepends=True)[:60]
+    (run / "metrics.jsonl").write_text("".join(metrics))
+    (run / "layers.jsonl").write_text("\n".join(layers_jsonl_lines(SAMPLE)[:40]) + "\n")
     return run
 
 

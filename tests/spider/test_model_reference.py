@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 
 from spider import rundir
 from spider.rundir import RunDir, base_model_dir, model_reference
@@ -33,7 +33,8 @@ def test_old_runs_with_absolute_or_run_relative_paths_still_load(tmp_path):
     run = RunDir(tmp_path / "run")
     run.write_run({"model": {"path": str(BUNDLED)}})
     assert base_model_dir(run) == BUNDLED
-    sample = RunDir(rundir.REPO_ROOT / "sample_checkpoints" / "runs" / "spider")
-    info = json.loads(sample.run_file.read_text())
-    assert "repo" not in info["model"]  # the samples as they were made
-    assert base_model_dir(sample) == BUNDLED.resolve()
+    # as runs recorded it before the repository-relative reference: absolute and run-relative
+    old = RunDir(tmp_path / "runs" / "old")
+    old.write_run({"model": {"path": "/gone/tiny-llava-base",
+                             "relative": os.path.relpath(BUNDLED, old.path)}})
+    assert base_model_dir(old) == BUNDLED.resolve()

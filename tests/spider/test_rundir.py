@@ -249,3 +249,20 @@ def test_liveness_lives_in_its_own_module_and_the_run_directory_reads_it():
     with liveness.Heartbeat(lambda: beats.append(1), interval=0.01):
         time.sleep(0.2)
     assert beats
+
+
+def test_removing_checkpoints_for_a_resume_drops_the_attribution_rows_that_scored_them(tmp_path):
+    from spider.rundir import AttributionRow
+
+    run = RunDir(tmp_path / "run")
+    run.write_run({"config": {"steps": 20}})
+    for step in (10, 20):
+        run.write_checkpoint(step, {"weights": {"w": torch.ones(2)}}, {})
+        run.append_attribution([AttributionRow(step, "layer", g, {"upstream": 0.5}, 1, 8)
+                                for g in ("(none)", "llm.0", "(all)")])
+    run.remove_checkpoints_after(20)  # nothing after the last: every row stays
+    assert [(r.step, r.group) for r in run.read_attribution()].count((20, "llm.0")) == 1
+    run.remove_checkpoints_after(10)  # --resume at step 10: step 20 is trained again
+    assert run.checkpoint_steps() == [10]
+    assert {r.step for r in run.read_attribution()} == {10}
+    assert [r.group for r in run.read_attribution()] == ["(none)", "llm.0", "(all)"]

@@ -322,3 +322,20 @@ def test_spider_callback_resume_takes_the_saved_mask_without_scoring(cache, tmp_
         p = resumed.params[name].detach()
         assert torch.equal(p[frozen], theta0[name][frozen]), name
         assert torch.equal(p, whole.params[name].detach()), name  # as if never stopped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_zeroing_frozen_gradients_is_masked_fill_bit_for_bit(dtype):
+    from spider.methods.dowser import zero_frozen_
+
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(33, 17, generator=gen).to(dtype)
+    grad[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    frozen = torch.rand(33, 17, generator=gen) < 0.9
+    frozen[0, :4] = True
+    frozen[1, :4] = False
+    expected = grad.masked_fill(frozen, 0)
+    zero_frozen_(grad, frozen)
+    assert torch.equal(grad.view(torch.uint8), expected.view(torch.uint8))  # the very bits
+    assert not torch.signbit(grad[frozen]).any()  # +0.0, even where the gradient was -0.0
+    assert torch.equal(grad[~frozen], expected[~frozen]) and bool((grad[~frozen] != 0).all())

@@ -81,8 +81,8 @@ def _mlp(seed: int) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_matches_transcription_step_by_step(optimizer):
+@pytest.mark.parametrize("optimizer, fused", [("sgd", False), ("adamw", False), ("adamw", True)])
+def test_matches_transcription_step_by_step(optimizer, fused):
     """Our SPIDER against the plain transcription, in lockstep (ARCHITECTURE.md, *The tie at
     I = G*): before every one of 40 steps the transcription is given our weights, S and
     optimizer state; both take the same batch, and the one step that comes out is compared.
@@ -103,6 +103,9 @@ def test_matches_transcription_step_by_step(optimizer):
     """
     ours, ref = _mlp(0), _mlp(0)
     method = build_method("spider", ours)
+    if fused:  # every tensor through the compiled kernels, however small
+        method.fused, method.fused_min_numel = True, 0
+        assert all(method._fused(name) for name in method.params), "compiled update unavailable"
     reference = ReferenceSpider(dict(ref.named_parameters()))
 
     def make_opt(model):
@@ -385,3 +388,118 @@ def test_moments_stay_accurate_for_large_tensors():
     assert count == t.numel()
     assert sum_abs == pytest.approx(exact.sum().item(), rel=1e-6)
     assert sum_sq == pytest.approx((exact * exact).sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_update_matches_the_eager_one(dtype):
+    """The compiled update (three kernels per tensor) against the eager one, step by step
+    from the same state: the same S bit for bit, the same pinned set (ties aside), weights
+    equal to float rounding, and pinned weights exactly theta0."""
+    fused_model, eager_model = _mlp(0).to(dtype), _mlp(0).to(dtype)
+    fused, eager = build_method("spider", fused_model), build_method("spider", eager_model)
+    fused.fused, fused.fused_min_numel = True, 0
+    eager.fused = False
+    assert all(fused._fused(n) for n in fused.params), "compiled update unavailable"
+    assert not any(eager._fused(n) for n in eager.params)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(8):
+        with torch.no_grad():
+            for (name, a), b in zip(fused_model.named_parameters(), eager_model.parameters()):
+                step = (torch.randn(a.shape, generator=gen) * 0.05).to(dtype)
+                a.add_(step)  # as if the optimizer moved the weights
+                b.copy_(a)
+                grad = torch.randn(a.shape, generator=gen).to(dtype)
+                a.grad, b.grad = grad.clone(), grad.clone()
+                eager.grad_sum[name].copy_(fused.grad_sum[name])
+        before = {n: p.detach().clone() for n, p in fused_model.named_parameters()}
+        fused.after_optimizer_step()
+        eager.after_optimizer_step()
+        masks_f, masks_e = fused.masks(), eager.masks()
+        for (name, a), b in zip(fused_model.named_parameters(), eager_model.parameters()):
+            assert torch.equal(fused.grad_sum[name], eager.grad_sum[name]), name
+            same_side = (masks_f[name] > 0) == (masks_e[name] > 0)
+            assert float(same_side.float().mean()) >= 0.99, name  # flips only at ties
+            torch.testing.assert_close(masks_f[name][same_side], masks_e[name][same_side],
+                                       rtol=1e-5, atol=1e-6)
+            tol = (before[name].float() - fused.theta0[name].float()).abs() * 1e-5
+            ulp = 1e-6 if dtype == torch.float32 else 1e-2
+            close = ((a.float() - b.float()).abs()
+                     <= tol + ulp * a.float().abs().clamp(min=1e-3))
+            assert bool(close[same_side].all()), name
+            pinned = masks_f[name] == 0
+            assert torch.equal(a.detach()[pinned], fused.theta0[name][pinned]), name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_shard_with_summed_moments_updates_as_the_whole_tensor(fused):
+    """The all-reduce hook between the kernels: a tensor [x, x] held whole, and its half x
+    held by a method whose reducer doubles every sum (the other shard being a copy), get
+    the same mask and the same update on x."""
+    gen = torch.Generator().manual_seed(4)
+    x0, move, grad = (torch.randn(3000, generator=gen) for _ in range(3))
+    whole = torch.nn.Linear(6000, 1, bias=False)
+    half = torch.nn.Linear(3000, 1, bias=False)
+    with torch.no_grad():
+        whole.weight.copy_(torch.cat([x0, x0])[None])
+        half.weight.copy_(x0[None])
+    m_whole, m_half = build_method("spider", whole), build_method("spider", half)
+    m_half.reducer = lambda sums: 2 * sums
+    for m in (m_whole, m_half):
+        m.fused, m.fused_min_numel = fused, 0
+        assert all(m._fused(n) == fused for n in m.params)
+    with torch.no_grad():
+        whole.weight.add_(torch.cat([move, move])[None])
+        half.weight.add_(move[None])
+    whole.weight.grad = torch.cat([grad, grad])[None]
+    half.weight.grad = grad[None].clone()
+    m_whole.after_optimizer_step()
+    m_half.after_optimizer_step()
+    w_whole, w_half = m_whole.masks()["weight"][0, :3000], m_half.masks()["weight"][0]
+    assert bool((w_half > 0).any()) and bool((w_half == 0).any())
+    torch.testing.assert_close(w_half, w_whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(half.weight[0], whole.weight[0, :3000], rtol=1e-6, atol=1e-6)
+    # without the reducer the half's own moments give another mask
+    alone = build_method("spider", torch.nn.Linear(3000, 1, bias=False))
+    alone.fused, alone.fused_min_numel = fused, 0
+    alone.theta0["weight"].copy_(x0[None])
+    alone._pre_affine.clear()
+    alone.grad_sum["weight"].copy_(m_half.grad_sum["weight"])
+    assert not torch.allclose(alone.masks()["weight"][0], w_half)
+
+
+def test_fusion_follows_the_device_and_the_environment(monkeypatch):
+    from spider.methods.spider import FUSED_ENV, fusion_wanted
+
+    monkeypatch.delenv(FUSED_ENV, raising=False)
+    assert not fusion_wanted(torch.device("cpu")) and fusion_wanted(torch.device("cuda"))
+    monkeypatch.setenv(FUSED_ENV, "0")
+    assert not fusion_wanted(torch.device("cuda"))
+    monkeypatch.setenv(FUSED_ENV, "1")
+    assert fusion_wanted(torch.device("cpu"))
+    method = build_method("spider", torch.nn.Linear(300, 300))
+    assert method._fused("weight") and not method._fused("bias")  # bias: below the minimum
+    method.fused = False
+    assert not method._fused("weight")
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_update(monkeypatch):
+    import spider.methods.spider as spider_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(spider_module, "_KERNELS", spider_module._Kernels())
+    monkeypatch.setattr(torch, "compile", broken)
+    model, twin = _mlp(0), _mlp(0)
+    method, eager = build_method("spider", model), build_method("spider", twin)
+    method.fused, method.fused_min_numel = True, 0
+    eager.fused = False
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert not method._fused("0.weight")
+    for a, b in zip(model.parameters(), twin.parameters()):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    method.after_optimizer_step()
+    eager.after_optimizer_step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
