@@ -100,7 +100,9 @@ selected = common.selected_runs(runs, default=_default_selection())
 # Filters narrow the chooser and the table (hundreds of runs, issue 24); they sit in the
 # page address like every view setting here (bind="query-params"), so a link shows the same.
 _STATUS_ORDER = [*common.STATUS_COLORS, *sorted(set(runs["status"]) - set(common.STATUS_COLORS))]
-f1, f2, f3, f4 = st.columns([2, 2, 2, 3])
+# (a secondary control: presentation mode hides it, the filters in the address still apply)
+_filters = st.container(key=presentation.secondary_key("compare_filters"))
+f1, f2, f3, f4 = _filters.columns([2, 2, 2, 3])
 want_methods = f1.multiselect("Method", sorted(runs["method"].unique()), key="compare_method",
                               bind="query-params", placeholder="any method")
 want_status = f2.multiselect("Status", [s for s in _STATUS_ORDER if s in set(runs["status"])],
