@@ -68,6 +68,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,14 @@ def parallel_mode(args, model: nn.Module, method_name: str) -> str:
                              "parameters sharded by FSDP2; use "
                              f"{' or '.join(shardable)}, or train with DDP or one process")
         return "fsdp"
-    return "ddp" if int(getattr(args, "world_size", 1) or 1) > 1 else "none"
+    mode = "ddp" if int(getattr(args, "world_size", 1) or 1) > 1 else "none"
+    if getattr(args, "fsdp", None):
+        # accelerate turns FSDP on only where it supports it (not on CPU, for one): the
+        # Trainer then trains unsharded without a word, and the run would seem to be FSDP's
+        warnings.warn(f"SpiderCallback: TrainingArguments ask for FSDP ({args.fsdp}) but the "
+                      f"trained parameters are not sharded; training runs as {mode} "
+                      "(accelerate did not turn FSDP on for this device)", stacklevel=2)
+    return mode
 
 
 def _whole(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:

@@ -103,6 +103,18 @@ def test_deepspeed_set_by_a_launcher_in_accelerates_state_is_refused(monkeypatch
     assert callback.parallel == "none" and set(callback.method.params) == {"weight", "bias"}
 
 
+def test_fsdp_asked_for_but_not_turned_on_is_said_in_one_warning():
+    """On CPU accelerate leaves FSDP off and the Trainer trains unsharded: the callback says
+    so, and records what really runs."""
+    from spider.integrations.hf import SpiderCallback
+
+    callback = SpiderCallback("spider")
+    with pytest.warns(UserWarning, match=r"ask for FSDP .* not sharded; training runs as none"):
+        callback.on_train_begin(_fake_args(fsdp=["full_shard"]), _fake_state(), None,
+                                model=torch.nn.Linear(4, 4))
+    assert callback.parallel == "none"
+
+
 def test_fsdp1_is_refused_at_train_begin_in_one_line():
     """torch 2.13's FSDP1 cannot be built without an accelerator device, so the model is an
     instance of its class made without its ``__init__`` (the callback looks only at the
