@@ -29,25 +29,8 @@ import time
 import torch
 
 from bench._llava import freeze_vision, llava_from_configs, n_params, random_batch
+from bench._timing import interleaved
 from spider.methods import build_method
-
-
-def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, list[float]]:
-    """Per side, the times of ``repeats`` calls, run round by round (A, B, C, ... then the
-    reverse order the next round), so neighbouring calls of two sides see the same machine
-    state and neither side always runs right after the same other one."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    order = list(fns)
-    for i in range(repeats):
-        for name in (order if i % 2 == 0 else order[::-1]):
-            sync()
-            t = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def paired_ratio(side: list[float], base: list[float]) -> tuple[float, float, float]:
@@ -144,7 +127,7 @@ def main() -> None:
         batch = random_batch(model, batch=8, text_len=32, device=device, dtype=dtype)
         sides[label] = _step_fn(model, method, opt, batch, autocast)
     total = n_params(model)
-    runs = _interleaved(sides, args.repeats, sync)
+    runs = interleaved(sides, args.repeats, sync)
     times = {k: statistics.median(v) for k, v in runs.items()}
     full = times["full"]
     opts = ", ".join(f"{k}={v}" for k, v in dowser_options.items()) or "defaults"

@@ -25,29 +25,13 @@ import time
 import torch
 
 from bench._llava import freeze_vision, llava_from_configs, n_params, random_batch
+from bench._timing import interleaved
 from bench.spider_reference import ReferenceSpider
 from spider.methods import build_method
 
 
-def _rounds(fns: dict, repeats: int, sync=lambda: None) -> dict[str, list[float]]:
-    """Per side, the times of ``repeats`` calls, run round by round (every side once a
-    round, the order reversed every other round) after one warm-up call each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    order = list(fns)
-    for i in range(repeats):
-        for name in (order if i % 2 == 0 else order[::-1]):
-            sync()
-            t = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return times
-
-
 def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
-    return {k: statistics.median(v) for k, v in _rounds(fns, repeats, sync).items()}
+    return {k: statistics.median(v) for k, v in interleaved(fns, repeats, sync).items()}
 
 
 def paired_ratio(side: list[float], base: list[float]) -> str:
@@ -85,7 +69,7 @@ def bench_update(repeats: int, quick: bool) -> None:
     start = time.perf_counter()
     fused.after_optimizer_step()  # the first update compiles the kernels (or loads them)
     first = time.perf_counter() - start
-    runs = _rounds({"ours": ours.after_optimizer_step, "fused": fused.after_optimizer_step,
+    runs = interleaved({"ours": ours.after_optimizer_step, "fused": fused.after_optimizer_step,
                     "transcription": reference.after_optimizer_step}, repeats)
     t = {k: statistics.median(v) for k, v in runs.items()}
     n_fused = sum(ours._fused(name) for name in ours.params)
@@ -154,7 +138,7 @@ def bench_step(repeats: int, quick: bool) -> None:
             method = build_method(label, model)
         sides[label] = _step_fn(model, method, opt, random_batch(model))
         total, trainable = n_params(model), n_params(model, trainable_only=True)
-    runs = _rounds(sides, repeats)
+    runs = interleaved(sides, repeats)
     t = {k: statistics.median(v) for k, v in runs.items()}
     print(f"[step] per-round spider/full {paired_ratio(runs['spider'], runs['full'])}, "
           f"transcription/full {paired_ratio(runs['transcription'], runs['full'])}")

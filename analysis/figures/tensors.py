@@ -96,6 +96,16 @@ def cell_words(block: tuple[int, int], shape: tuple[int, int]) -> str:
             "block's largest change with its sign. The .npz download holds every weight.")
 
 
+def _z_range(kind: str, values: np.ndarray) -> tuple[float, float]:
+    """A panel's colour range: ±max|x| for updates and weights (signed, centred on 0; ±1 when
+    all are 0 or not finite), [0, 1] for importances and masks."""
+    if kind == "update":
+        finite = np.abs(values[np.isfinite(values)])
+        bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        return -bound, bound
+    return 0.0, 1.0
+
+
 def tensor_panels(panels: Mapping[str, object], param: str, max_cells: int | None = None,
                   ranges: Mapping[str, tuple[float, float]] | None = None) -> go.Figure:
     """One parameter tensor seen several ways, side by side: I, G, mask, Δ, ...
@@ -136,12 +146,8 @@ def tensor_panels(panels: Mapping[str, object], param: str, max_cells: int | Non
         colorscale, _, shows = _KIND_STYLE[kind]
         if ranges and name in ranges:
             zmin, zmax = (float(v) for v in ranges[name])
-        elif kind == "update":
-            finite = np.abs(cell.values[np.isfinite(cell.values)])
-            bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-            zmin, zmax = -bound, bound
         else:
-            zmin, zmax = 0.0, 1.0
+            zmin, zmax = _z_range(kind, cell.values)
         domain = fig.layout[f"xaxis{col if col > 1 else ''}"].domain
         fig.add_trace(go.Heatmap(
             z=cell.values, x=x_labels, y=y_labels, name=name,
@@ -329,12 +335,7 @@ def region_panels(views: Mapping[str, torch.Tensor], param: str, rows: tuple[int
     safe_param = html.escape(param)
     for col, (name, (kind, label, cell)) in enumerate(pooled.items(), start=1):
         colorscale = _KIND_STYLE[kind][0]
-        if kind == "update":
-            finite = np.abs(cell.values[np.isfinite(cell.values)])
-            bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-            zmin, zmax = -bound, bound
-        else:
-            zmin, zmax = 0.0, 1.0
+        zmin, zmax = _z_range(kind, cell.values)
         domain = fig.layout[f"xaxis{col if col > 1 else ''}"].domain
         fig.add_trace(go.Heatmap(
             z=cell.values.astype(np.float32), x=x, y=y, name=name, colorscale=colorscale,
