@@ -179,9 +179,9 @@ def test_presentation_toggle_is_kept_in_the_address_and_switches_off(streamlit_s
     # (the page may rerun once, e.g. to put the chosen runs in the address, before it settles)
     page.locator("[data-testid='stSidebar']").wait_for(state="hidden", timeout=30_000)
     assert switch.is_checked()
-    # a secondary control (Compare's filters) is hidden too; the chooser stays
+    # a secondary control (Compare's filters) is hidden too; the chooser stays (once drawn)
+    page.get_by_text("Runs to compare", exact=True).wait_for(state="visible", timeout=30_000)
     assert page.get_by_text("Name contains", exact=True).is_hidden()
-    assert page.get_by_text("Runs to compare", exact=True).is_visible()
     # the mode outlives a page switch, by the navigation in the top bar
     page.locator("[data-testid='stTopNavLink']", has_text="Layers").click()
     wait_idle(page)
