@@ -21,12 +21,14 @@ What differs from a line-by-line transcription is only *how* it is computed:
 * ``where(I < G, G/(I+G), 0)`` is computed as "keep ``r = G/(I+G)`` where ``r > 0.5``": the two
   are the same condition (r > 1/2 <=> G > I), which saves a comparison pass. Ties closer than
   one float32 ulp may resolve differently from the authors' comparison.
-* On GPUs, tensors of at least ``FUSED_MIN_NUMEL`` entries are updated by three
-  ``torch.compile``d kernels (accumulate + moments, mask + its sums, normalise + merge)
-  instead of ~18 eager passes; the first update compiles them (cached on disk by inductor),
-  a failing compiler falls back to the eager update with one warning, and
-  ``SPIDERSCOPE_SPIDER_FUSED`` (1/0) turns them on or off on every device (on CPUs they are
-  off by default: no faster there, see ``fusion_wanted``). Both paths agree to float rounding (tests/spider/methods/test_spider.py).
+* Large tensors are updated in three fused passes (accumulate + moments, mask + its sums,
+  normalise + merge) instead of ~18 eager ones: on GPUs by ``torch.compile``d kernels
+  (tensors of at least ``FUSED_MIN_NUMEL`` entries; compiled by the first update, cached on
+  disk by inductor), on CPUs by a small C library (``_spider_native.c``, float32 tensors of
+  at least ``NATIVE_MIN_NUMEL`` entries; built by the first update, about a second, cached
+  on disk). A failing compiler falls back to the eager update with one warning, and
+  ``SPIDERSCOPE_SPIDER_FUSED`` (1/0) turns fusion on or off on every device. Both paths agree
+  to float rounding (tests/spider/methods/test_spider.py).
 * Degenerate tensors (one element, no spread) get rank 0.5 instead of NaN; see
   ``spider.importance``. Such a tensor's theta0 rank then never loses to G = 0.5, so e.g. a
   one-element tensor stays pinned at theta0, as it does (through NaN) in the authors' code.
@@ -264,19 +266,18 @@ def apply_keep_weight(
 #: tensors with fewer entries take the eager path (a compiled call costs tens of
 #: microseconds; the fusion pays off above ~64K entries). Set to 0 to fuse every tensor.
 FUSED_MIN_NUMEL = 1 << 16
-#: environment variable: 1 fuses on every device, 0 on none; unset, only off the CPU. On a
-#: CPU one tensor's buffers stay in cache between eager passes and the two sigmoids per entry
-#: dominate: the kernels measured ~0.87x of the eager update (bench/bench_methods.py), not
-#: worth a compile of seconds (a minute cold) in every short CPU process by default.
+#: the same for the CPU library: a ctypes call costs a few microseconds, the eager update
+#: of a tensor ~20 calls of PyTorch's
+NATIVE_MIN_NUMEL = 1 << 12
+#: environment variable: 1 fuses on every device, 0 on none; unset, fused on every device
+#: (compiled kernels off the CPU, the C library on it).
 FUSED_ENV = "SPIDERSCOPE_SPIDER_FUSED"
 
 
 def fusion_wanted(device: torch.device) -> bool:
-    """Whether the update of tensors on ``device`` takes the compiled kernels by default."""
+    """Whether the update of tensors on ``device`` takes the fused passes by default."""
     env = os.environ.get(FUSED_ENV, "").strip()
-    if env:
-        return env != "0"
-    return device.type != "cpu"
+    return env != "0"
 
 
 def _ranks(grad_sum, theta0, coef):
@@ -326,6 +327,7 @@ class _Kernels:
     def __init__(self) -> None:
         self.accumulate = self.mask = self.merge = None
         self.checked: dict[tuple, bool] = {}
+        self.generation = 0  # counts disable() calls: decisions cached before are stale
 
     def usable(self, device: torch.device, param_dtype: torch.dtype, theta0_dtype: torch.dtype,
                options: SpiderOptions) -> bool:
@@ -340,6 +342,7 @@ class _Kernels:
     def disable(self, error: Exception, device: torch.device) -> None:
         """Turn the kernels off for the rest of the process (one warning)."""
         self.checked = collections.defaultdict(bool)
+        self.generation += 1
         warnings.warn(f"SPIDER: compiled update unavailable on {device.type} "
                       f"({type(error).__name__}: {error}); using the eager update",
                       RuntimeWarning, stacklevel=4)
@@ -379,6 +382,67 @@ class _Kernels:
 _KERNELS = _Kernels()
 
 
+class _NativeBackend:
+    """The CPU library (``spider.methods._native``) behind the compiled kernels' interface:
+    float32 tensors only (others take the eager update)."""
+
+    def __init__(self) -> None:
+        self.kernels = None
+        self.checked: dict[tuple, bool] = {}
+        self.generation = 0  # counts disable() calls: decisions cached before are stale
+
+    def usable(self, device: torch.device, param_dtype: torch.dtype, theta0_dtype: torch.dtype,
+               options: SpiderOptions) -> bool:
+        if not (device.type == "cpu" and param_dtype == theta0_dtype == torch.float32):
+            return False
+        key = (options.accumulate, options.mask, options.normalize)
+        if key not in self.checked:
+            self.checked[key] = self._probe(options)
+        return self.checked[key]
+
+    def disable(self, error: Exception, device: torch.device) -> None:
+        self.checked = collections.defaultdict(bool)
+        self.generation += 1
+        warnings.warn(f"SPIDER: fused CPU update unavailable ({type(error).__name__}: "
+                      f"{error}); using the eager update", RuntimeWarning, stacklevel=4)
+
+    @torch.no_grad()
+    def _probe(self, options: SpiderOptions) -> bool:
+        """Build (or load) the library and check its mask against the eager one once."""
+        from spider.methods import _native
+
+        try:
+            self.kernels = self.kernels or _native.kernels()
+            n = 70_001
+            s = torch.zeros(n)
+            g, t0 = torch.linspace(-1, 1, n), torch.linspace(2, -1, n)
+            w = torch.empty(n)
+            self.kernels.accumulate(s, g, options.accumulate)
+            coef = [*affine_from_sums(abs_sums(s)), *affine_from_sums(abs_sums(t0))]
+            self.kernels.mask(s, t0, coef, w, options.mask == "binary")
+            expected = keep_weight(t0, s, dataclasses.replace(options, normalize=False))[0]
+            if not torch.allclose(w, expected, rtol=1e-5, atol=1e-6):
+                raise RuntimeError("the CPU library's mask differs from the eager one")
+            return True
+        except Exception as error:  # noqa: BLE001 - any build or load failure means eager
+            self.disable(error, torch.device("cpu"))
+            return False
+
+    def __getattr__(self, name):  # accumulate, mask, merge: the loaded library's
+        if name in ("accumulate", "mask", "merge") and self.kernels is not None:
+            return getattr(self.kernels, name)
+        raise AttributeError(name)
+
+
+_NATIVE = _NativeBackend()
+
+
+def _as_floats(sums) -> list[float]:
+    return sums if isinstance(sums, list) else sums.tolist()
+
+
+
+
 @register("spider")
 class Spider(MethodBase):
     """SPIDER (ICML 2025): pull each weight back toward theta0 unless G > I."""
@@ -403,10 +467,19 @@ class Spider(MethodBase):
         self.reducer: Reducer | None = sum_across if any_sharded(self.params.values()) else None
         self._pre_affine: dict[str, tuple[float, float]] = {}
         self._work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        #: tensors with at least this many entries (per process) take the compiled update
-        self.fused_min_numel = FUSED_MIN_NUMEL
-        #: True/False force the compiled update on/off; None follows ``fusion_wanted``
+        #: tensors with at least this many entries (per process) take the fused update;
+        #: None: the backend's own minimum (``NATIVE_MIN_NUMEL`` or ``FUSED_MIN_NUMEL``)
+        self.fused_min_numel: int | None = None
+        #: True/False force the fused update on/off; None follows ``fusion_wanted``
         self.fused: bool | None = None
+        #: "native" (the C library, CPU float32 only) or "compiled" (torch.compile, any
+        #: device); None: native on CPUs, compiled elsewhere
+        self.fused_backend: str | None = None
+        # per step, the fused tensors and their flat views are looked up, not re-derived:
+        # at ~25 us of Python a tensor that was a tenth of the whole update
+        self._fused_key: tuple | None = None
+        self._fused_set: frozenset[str] = frozenset()
+        self._flat: dict[str, tuple[torch.Tensor, ...]] = {}
 
     # ------------------------------------------------------------------ internals
     def _buffers(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,61 +521,94 @@ class Spider(MethodBase):
             importances=importances,
         )
 
+    def _kernels(self, device: torch.device):
+        """The fused passes for tensors on ``device``."""
+        if self.fused_backend is not None:
+            return {"native": _NATIVE, "compiled": _KERNELS}[self.fused_backend]
+        return _NATIVE if device.type == "cpu" else _KERNELS
+
     def _fused(self, name: str) -> bool:
-        """Whether tensor ``name`` takes the compiled update (``_fused_update``)."""
+        """Whether tensor ``name`` takes the fused update (``_fused_update``)."""
         theta0, param = self.theta0[name], local(self.params[name].data)
         wanted = fusion_wanted(param.device) if self.fused is None else self.fused
-        return (wanted and theta0.numel() >= max(self.fused_min_numel, 1)
+        kernels = self._kernels(param.device)
+        minimum = self.fused_min_numel
+        if minimum is None:
+            minimum = NATIVE_MIN_NUMEL if kernels is _NATIVE else FUSED_MIN_NUMEL
+        return (wanted and theta0.numel() >= max(minimum, 1)
                 and param.is_contiguous() and param.is_floating_point()
-                and _KERNELS.usable(param.device, param.dtype, theta0.dtype, self.options))
+                and kernels.usable(param.device, param.dtype, theta0.dtype, self.options))
+
+    def _fused_names(self) -> frozenset[str]:
+        """The tensors ``_fused`` says yes to, recomputed only when what it depends on
+        changes (the switches, the environment, a backend turned off)."""
+        key = (self.fused, self.fused_min_numel, self.fused_backend,
+               os.environ.get(FUSED_ENV, ""), _NATIVE.generation, _KERNELS.generation)
+        if key != self._fused_key:
+            self._fused_set = frozenset(n for n in self.params if self._fused(n))
+            self._fused_key = key
+        return self._fused_set
+
+    def _flat_views(self, name: str) -> tuple[torch.Tensor, ...]:
+        """``(S, theta0, w, work)`` of tensor ``name``, flat (the buffers' first numel)."""
+        if name not in self._flat:
+            grad_sum, theta0 = self.grad_sum[name].view(-1), self.theta0[name].view(-1)
+            self._flat[name] = (grad_sum, theta0, *self._buffers(grad_sum))
+        return self._flat[name]
 
     def _fused_update(self, name: str, p: torch.Tensor) -> bool:
-        """The update of tensor ``name`` in three compiled kernels. Should a kernel fail
-        (a recompile for a new size that the compiler cannot do), the kernels are turned
-        off and the rest of this tensor's update runs eagerly; returns False when nothing
-        was done yet (the caller then runs the whole eager update)."""
-        grad_sum, theta0 = self.grad_sum[name].view(-1), self.theta0[name].view(-1)
+        """The update of tensor ``name`` in three fused passes. Should a pass fail (a
+        recompile for a new size that the compiler cannot do), fusion is turned off and
+        the rest of this tensor's update runs eagerly; returns False when nothing was done
+        yet (the caller then runs the whole eager update)."""
+        grad_sum, theta0, w, work = self._flat_views(name)
         param = local(p.data).view(-1)
-        w, work = self._buffers(grad_sum)
+        kernels = self._kernels(param.device)
         try:
             if p.grad is not None:
-                sums = _KERNELS.accumulate(grad_sum, local(p.grad).reshape(-1),
-                                           self.options.accumulate)
+                sums = kernels.accumulate(grad_sum, local(p.grad).reshape(-1),
+                                          self.options.accumulate)
             else:
                 sums = torch.stack([grad_sum.abs().sum(), grad_sum.square().sum()])
         except Exception as error:  # noqa: BLE001 - nothing changed yet: all eager
-            _KERNELS.disable(error, param.device)
+            kernels.disable(error, param.device)
             return False
         try:
             mask_sums = self._fused_weight(name, sums, w)
-            _KERNELS.merge(param, theta0, w, mask_sums, self._normalizes(),
-                           param.dtype == theta0.dtype == torch.float32)
+            kernels.merge(param, theta0, w, mask_sums, self._normalizes(),
+                          param.dtype == theta0.dtype == torch.float32)
         except Exception as error:  # noqa: BLE001 - S is updated: finish eagerly from it
-            _KERNELS.disable(error, param.device)
+            kernels.disable(error, param.device)
             _, scale, _ = self._weight(name, w, work)
             apply_keep_weight(param, theta0, w, work, scale)
         return True
 
     def _fused_weight(self, name: str, sums: torch.Tensor | None,
                       w: torch.Tensor) -> torch.Tensor:
-        """Kernel 2 into ``w`` (flat): the raw mask. Returns ``[sum w, count(w > 0)]`` over
-        the whole tensor (float32), from which kernel 3 normalises. ``sums`` are kernel 1's
+        """Pass 2 into ``w`` (flat): the raw mask. Returns ``[sum w, count(w > 0)]`` over
+        the whole tensor, from which pass 3 normalises. ``sums`` are pass 1's
         ``[sum|S|, sum S^2]`` (computed here when None)."""
-        grad_sum, theta0 = self.grad_sum[name].view(-1), self.theta0[name].view(-1)
+        grad_sum, theta0 = self._flat_views(name)[:2]
+        kernels = self._kernels(w.device)
+        native = kernels is _NATIVE  # its sums are Python floats, its scalars too
         if sums is None:
-            sums = torch.stack([grad_sum.abs().sum(), grad_sum.square().sum()])
+            sums = torch.stack([grad_sum.abs().sum(), grad_sum.square().sum()]).tolist()
+        if not isinstance(sums, list):
+            sums = sums.tolist()
         if self.reducer is None:
-            moments = [float(grad_sum.numel()), *sums.tolist()]
+            moments = [float(grad_sum.numel()), *sums]
         else:
-            count = torch.tensor([float(grad_sum.numel())], dtype=torch.float64,
-                                 device=sums.device)
-            moments = self.reducer(torch.cat([count, sums.double()]))
-        # the scalars as a tensor, not Python floats: new values never recompile a kernel
-        coef = torch.tensor([*affine_from_sums(moments), *self._affine_pre(name)],
-                            dtype=torch.float32, device=w.device)
-        mask_sums = _KERNELS.mask(grad_sum, theta0, coef, w, self.options.mask == "binary")
+            moments = self.reducer(torch.tensor([float(grad_sum.numel()), *sums],
+                                                dtype=torch.float64, device=w.device))
+        coef = [*affine_from_sums(moments), *self._affine_pre(name)]
+        if not native:  # a tensor, not Python floats: new values never recompile a kernel
+            coef = torch.tensor(coef, dtype=torch.float32, device=w.device)
+        mask_sums = kernels.mask(grad_sum, theta0, coef, w, self.options.mask == "binary")
         if self.reducer is not None:
-            mask_sums = self.reducer(mask_sums.double()).float()
+            reduced = self.reducer(torch.as_tensor(mask_sums, dtype=torch.float64,
+                                                   device=w.device))
+            # back as they came: a compiled kernel guards its inputs' dtype
+            mask_sums = reduced.tolist() if native else reduced.to(mask_sums.dtype)
         return mask_sums
 
     def _normalizes(self) -> bool:
@@ -513,8 +619,9 @@ class Spider(MethodBase):
     def after_optimizer_step(self) -> None:
         collect = self.collect_statistics
         stats: dict[str, dict[str, float]] = {}
+        fused = frozenset() if collect else self._fused_names()
         for name, p in self.params.items():
-            if not collect and self._fused(name) and self._fused_update(name, p):
+            if name in fused and self._fused_update(name, p):
                 continue
             if p.grad is not None:
                 self._accumulate(self.grad_sum[name], local(p.grad))
@@ -533,10 +640,10 @@ class Spider(MethodBase):
     def masks(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in self.params.items():
-            if self._fused(name):  # the very kernel the update uses, so the same pinned set
+            if self._fused(name):  # the very pass the update uses, so the same pinned set
                 w = torch.empty(self.grad_sum[name].shape, dtype=torch.float32,
                                 device=self.grad_sum[name].device)
-                raw_sum, nonzero = self._fused_weight(name, None, w.view(-1)).tolist()
+                raw_sum, nonzero = _as_floats(self._fused_weight(name, None, w.view(-1)))
                 if self._normalizes() and nonzero > 0:  # the authors' min(w * scale, 1)
                     w.mul_(nonzero / raw_sum).clamp_(max=1.0)
                 out[name] = as_logical(w, p)

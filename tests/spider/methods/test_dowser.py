@@ -176,6 +176,69 @@ def test_frozen_entries_stay_at_theta0_with_weight_decay(kind):
     assert not method._handles
 
 
+def _train_steps(model, processor, method, optimizer, steps):
+    params = list(method.trainable_parameters())
+    batch = _batch(processor)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        method.before_optimizer_step()
+        optimizer.step()
+        method.after_optimizer_step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_frozen_second_moments_are_seeded_and_move_no_weight(monkeypatch, amsgrad):
+    """On the CPU a frozen entry's Adam second moment is 1 after the first step (sqrt of
+    zeros is slow there), decays as beta2^t after it, and the weights are bit for bit those
+    of a run that leaves it at 0."""
+    beta2 = 0.99
+    runs = {}
+    for seeded in (True, False):
+        if not seeded:
+            monkeypatch.setattr(dw, "_seed_second_moments", lambda optimizer: None)
+        model, processor = _tiny()
+        method = build_method("dowser", model, **SMALL)
+        optimizer = torch.optim.AdamW(list(method.trainable_parameters()), lr=1e-2,
+                                      betas=(0.9, beta2), weight_decay=0.1, amsgrad=amsgrad)
+        _train_steps(model, processor, method, optimizer, 3)
+        runs[seeded] = (method, optimizer)
+    (method, optimizer), (plain, _) = runs[True], runs[False]
+    for name, frozen in method.frozen.items():
+        p = method.params[name]
+        assert torch.equal(p.detach(), plain.params[name].detach()), name
+        state = optimizer.state[p]
+        assert torch.equal(state["exp_avg"][frozen], torch.zeros(int(frozen.sum()))), name
+        v = state["exp_avg_sq"][frozen]
+        assert torch.allclose(v, torch.full_like(v, beta2 ** 2)), name  # 1 after step 1
+        trained = state["exp_avg_sq"][~frozen]
+        assert bool((trained != beta2 ** 2).all()), name  # the trained entries' own moments
+        if amsgrad:
+            assert bool((state["max_exp_avg_sq"][frozen] == 1.0).all()), name
+
+
+def test_second_moments_are_reseeded_before_they_become_subnormal():
+    for beta2 in (0.9, 0.999, 0.99999):  # the last seeded step keeps v a normal float
+        every = dw.reseed_interval(beta2)
+        assert beta2 ** every >= 1e-30 > beta2 ** (every + 1) > 0
+    assert dw.reseed_interval(0.3) is None and dw.reseed_interval(0.0) is None  # < 64 steps
+    model, processor = _tiny()
+    method = build_method("dowser", model, **SMALL)
+    optimizer = torch.optim.AdamW(list(method.trainable_parameters()), lr=1e-2,
+                                  betas=(0.9, 0.9))
+    _train_steps(model, processor, method, optimizer, 1)
+    name, frozen = next(iter(method.frozen.items()))
+    state = optimizer.state[method.params[name]]
+    state["exp_avg_sq"][frozen] = 1e-39  # as after ~850 steps of beta2 = 0.9
+    state["step"].fill_(dw.reseed_interval(0.9))  # the next step is a reseeding one
+    _train_steps(model, processor, method, optimizer, 1)
+    assert bool((state["exp_avg_sq"][frozen] == 1.0).all())
+    state["step"].fill_(3)  # an ordinary step: the moment just decays
+    _train_steps(model, processor, method, optimizer, 1)
+    assert bool((state["exp_avg_sq"][frozen] == 0.9).all())
+
+
 def test_scores_are_cached_by_weights(cache, monkeypatch):
     model, _ = _tiny()
     first = build_method("dowser", model, **SMALL)

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+import shutil
 import warnings
 
 import pytest
@@ -82,20 +84,23 @@ def _mlp(seed: int) -> torch.nn.Module:
     return model
 
 
-def _compiled_or_skip(method, names=None) -> None:
-    """Skip a test of the compiled kernels where torch.compile cannot build them: no C++
-    toolchain, or ATEN_CPU_CAPABILITY=default, whose headers torch 2.13's inductor code does
-    not compile against. The update then runs eagerly after one warning
-    (test_a_failing_compiler_falls_back_to_the_eager_update), so there is nothing compiled to
-    compare; CI's machine builds them."""
+def _fuse(method, backend: str, names=None) -> None:
+    """Send every tensor (however small) through ``backend``'s fused passes ("native": the C
+    library, "compiled": torch.compile's kernels), or skip where they cannot be built here:
+    no C compiler, or, for "compiled", ATEN_CPU_CAPABILITY=default, whose headers torch
+    2.13's inductor code does not compile against. The update then runs eagerly after one
+    warning (test_a_failing_compiler_falls_back_to_the_eager_update), so there is nothing
+    fused to compare; CI's machine builds both."""
+    method.fused, method.fused_min_numel, method.fused_backend = True, 0, backend
     names = list(method.params) if names is None else names
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning
         if not all(method._fused(name) for name in names):
-            pytest.skip("torch.compile cannot build SPIDER's kernels on this machine")
+            pytest.skip(f"SPIDER's {backend} kernels cannot be built on this machine")
 
 
-@pytest.mark.parametrize("optimizer, fused", [("sgd", False), ("adamw", False), ("adamw", True)])
+@pytest.mark.parametrize("optimizer, fused", [("sgd", None), ("adamw", None), ("adamw", "native"),
+                                              ("adamw", "compiled")])
 def test_matches_transcription_step_by_step(optimizer, fused):
     """Our SPIDER against the plain transcription, in lockstep (ARCHITECTURE.md, *The tie at
     I = G*): before every one of 40 steps the transcription is given our weights, S and
@@ -117,9 +122,10 @@ def test_matches_transcription_step_by_step(optimizer, fused):
     """
     ours, ref = _mlp(0), _mlp(0)
     method = build_method("spider", ours)
-    if fused:  # every tensor through the compiled kernels, however small
-        method.fused, method.fused_min_numel = True, 0
-        _compiled_or_skip(method)
+    if fused:  # every tensor through the fused passes, however small
+        _fuse(method, fused)
+    else:
+        method.fused = False
     reference = ReferenceSpider(dict(ref.named_parameters()))
 
     def make_opt(model):
@@ -404,16 +410,17 @@ def test_moments_stay_accurate_for_large_tensors():
     assert sum_sq == pytest.approx((exact * exact).sum().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_update_matches_the_eager_one(dtype):
-    """The compiled update (three kernels per tensor) against the eager one, step by step
-    from the same state: the same S bit for bit, the same pinned set (ties aside), weights
-    equal to float rounding, and pinned weights exactly theta0."""
+@pytest.mark.parametrize("backend, dtype", [("compiled", torch.float32),
+                                            ("compiled", torch.bfloat16),
+                                            ("native", torch.float32)])
+def test_fused_update_matches_the_eager_one(backend, dtype):
+    """The fused update (three passes per tensor) against the eager one, step by step from
+    the same state: the same S bit for bit, the same pinned set (ties aside), weights equal
+    to float rounding, and pinned weights exactly theta0."""
     fused_model, eager_model = _mlp(0).to(dtype), _mlp(0).to(dtype)
     fused, eager = build_method("spider", fused_model), build_method("spider", eager_model)
-    fused.fused, fused.fused_min_numel = True, 0
     eager.fused = False
-    _compiled_or_skip(fused)
+    _fuse(fused, backend)
     assert not any(eager._fused(n) for n in eager.params)
     gen = torch.Generator().manual_seed(2)
     for _ in range(8):
@@ -444,7 +451,7 @@ def test_fused_update_matches_the_eager_one(dtype):
             assert torch.equal(a.detach()[pinned], fused.theta0[name][pinned]), name
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [None, "native", "compiled"])
 def test_a_shard_with_summed_moments_updates_as_the_whole_tensor(fused):
     """The all-reduce hook between the kernels: a tensor [x, x] held whole, and its half x
     held by a method whose reducer doubles every sum (the other shard being a copy), get
@@ -459,10 +466,11 @@ def test_a_shard_with_summed_moments_updates_as_the_whole_tensor(fused):
     m_whole, m_half = build_method("spider", whole), build_method("spider", half)
     m_half.reducer = lambda sums: 2 * sums
     for m in (m_whole, m_half):
-        m.fused, m.fused_min_numel = fused, 0
         if fused:
-            _compiled_or_skip(m)
-        assert all(m._fused(n) == fused for n in m.params)
+            _fuse(m, fused)
+        else:
+            m.fused = False
+        assert all(m._fused(n) == bool(fused) for n in m.params)
     with torch.no_grad():
         whole.weight.add_(torch.cat([move, move])[None])
         half.weight.add_(move[None])
@@ -476,27 +484,34 @@ def test_a_shard_with_summed_moments_updates_as_the_whole_tensor(fused):
     torch.testing.assert_close(half.weight[0], whole.weight[0, :3000], rtol=1e-6, atol=1e-6)
     # without the reducer the half's own moments give another mask
     alone = build_method("spider", torch.nn.Linear(3000, 1, bias=False))
-    alone.fused, alone.fused_min_numel = fused, 0
+    alone.fused, alone.fused_min_numel, alone.fused_backend = bool(fused), 0, fused
     alone.theta0["weight"].copy_(x0[None])
     alone._pre_affine.clear()
     alone.grad_sum["weight"].copy_(m_half.grad_sum["weight"])
     assert not torch.allclose(alone.masks()["weight"][0], w_half)
 
 
-def test_fusion_follows_the_device_and_the_environment(monkeypatch):
-    from spider.methods.spider import FUSED_ENV, fusion_wanted
+def test_fusion_follows_the_environment_and_the_backends_limits(monkeypatch):
+    from spider.methods.spider import _KERNELS, _NATIVE, FUSED_ENV, NATIVE_MIN_NUMEL, fusion_wanted
 
     monkeypatch.delenv(FUSED_ENV, raising=False)
-    assert not fusion_wanted(torch.device("cpu")) and fusion_wanted(torch.device("cuda"))
+    assert fusion_wanted(torch.device("cpu")) and fusion_wanted(torch.device("cuda"))
     monkeypatch.setenv(FUSED_ENV, "0")
-    assert not fusion_wanted(torch.device("cuda"))
+    assert not fusion_wanted(torch.device("cuda")) and not fusion_wanted(torch.device("cpu"))
     monkeypatch.setenv(FUSED_ENV, "1")
     assert fusion_wanted(torch.device("cpu"))
     method = build_method("spider", torch.nn.Linear(300, 300))
-    assert not method._fused("bias")  # below the minimum
-    _compiled_or_skip(method, ["weight"])
+    assert method._kernels(torch.device("cpu")) is _NATIVE  # the C library on CPUs
+    assert method._kernels(torch.device("cuda")) is _KERNELS  # compiled elsewhere
+    assert 300 < NATIVE_MIN_NUMEL and not method._fused("bias")  # below the minimum
+    _fuse(method, "native", ["weight"])
+    method.fused_min_numel = None
+    assert method._fused("weight")  # 90,000 entries: fused by default
     method.fused = False
     assert not method._fused("weight")
+    # bf16 tensors on a CPU: the C library is float32 only, so they take the eager update
+    low = build_method("spider", torch.nn.Linear(300, 300).to(torch.bfloat16))
+    assert not low._fused("weight")
 
 
 def test_a_failing_compiler_falls_back_to_the_eager_update(monkeypatch):
@@ -509,7 +524,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_update(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     model, twin = _mlp(0), _mlp(0)
     method, eager = build_method("spider", model), build_method("spider", twin)
-    method.fused, method.fused_min_numel = True, 0
+    method.fused, method.fused_min_numel, method.fused_backend = True, 0, "compiled"
     eager.fused = False
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         assert not method._fused("0.weight")
@@ -520,3 +535,51 @@ def test_a_failing_compiler_falls_back_to_the_eager_update(monkeypatch):
     eager.after_optimizer_step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_cpu_without_a_c_compiler_falls_back_to_the_eager_update(monkeypatch, tmp_path):
+    import spider.methods.spider as spider_module
+    from spider.methods import _native
+
+    monkeypatch.setattr(spider_module, "_NATIVE", spider_module._NativeBackend())
+    monkeypatch.setattr(_native, "_LOADED", None)
+    monkeypatch.setenv("SPIDERSCOPE_KERNELS", str(tmp_path / "kernels"))  # nothing cached
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    model, twin = _mlp(0), _mlp(0)
+    method, eager = build_method("spider", model), build_method("spider", twin)
+    method.fused, method.fused_min_numel = True, 0
+    eager.fused = False
+    with pytest.warns(RuntimeWarning, match="fused CPU update unavailable.*no-such-cc"):
+        assert not method._fused("0.weight")
+    for a, b in zip(model.parameters(), twin.parameters()):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    method.after_optimizer_step()
+    eager.after_optimizer_step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_cpu_library_is_built_once_and_cached_by_source_and_machine(monkeypatch, tmp_path):
+    from spider.methods import _native
+
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("SPIDERSCOPE_KERNELS", str(tmp_path))
+    built = _native.build()
+    assert built.parent == tmp_path and built.suffix == ".so"
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
+    stamp = built.stat().st_mtime_ns
+    assert _native.build() == built and built.stat().st_mtime_ns == stamp  # from the cache
+    monkeypatch.setattr(_native, "_cpu_flags", lambda: "flags : another cpu")
+    assert _native.build() != built  # another CPU: another library
+    # a compiler that fails leaves nothing under the real name, and says why in one line
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+                    "echo 'fatal error: omp.h: No such file' >&2; exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    before = set(tmp_path.iterdir())
+    with pytest.raises(_native.NativeUnavailable, match="failed: fatal error: omp.h"):
+        _native.build()
+    assert set(tmp_path.iterdir()) == before
