@@ -57,6 +57,16 @@ class Downsampled:
     def col_labels(self) -> list[str]:
         return _range_labels(self.col_edges)
 
+    def axes(self) -> tuple[list, list, str]:
+        """``(x, y, axis type)`` for a heatmap of the cells: the column and row numbers on
+        linear axes when every cell is one entry, else the ``"a–b"`` labels on category
+        axes. Why: plotly draws a heatmap on category axes several times slower (a tensor
+        of 72K entries took ~0.3 s more in Chromium), and integer positions give the same
+        hover."""
+        if self.block == (1, 1):
+            return (self.col_edges[:-1].tolist(), self.row_edges[:-1].tolist(), "linear")
+        return self.col_labels(), self.row_labels(), "category"
+
 
 def _range_labels(edges: np.ndarray) -> list[str]:
     return [

@@ -600,6 +600,11 @@ class Run:
         except ValueError as err:
             raise UserError(f"cannot rebuild method {self.method!r} of run {self.name} "
                             f"with options {options}: {err}") from None
+        # masks by the method's plain (eager) formulas, as its statistics rows were logged:
+        # the fused update passes agree with them to float rounding, but depend on the
+        # machine (a C compiler, the CPU's vector width), which an analysis must not
+        if hasattr(method, "fused"):
+            method.fused = False
         expected = method.extra_state()
         state: dict[str, torch.Tensor] = {}
         checkpoint = self._dir.checkpoint_dir(step)

@@ -6,11 +6,14 @@ is printed. Here they are imported before the server starts: once the URL appear
 page is quick. Options are passed to ``streamlit run`` (e.g. ``--server.port 8502``).
 
 What the first page still waits for is mostly the browser, not this process (measured with
-``bench/bench_app.py``: about 0.5 s of the server's CPU in a first page of 4 s on a busy
-machine). Streamlit's frontend loads the code of an element kind the first time a page shows
-one: plotly.js, a 4.7 MB script, for the first chart; in Chromium on that machine one chart
-added ~2 s to a bare page's 1 s (the Learn page's ``st.dataframe`` as ``st.table`` changed
-nothing measurable: its grid loads while plotly.js does).
+``bench/bench_app.py`` on the 2-core machine: ~0.5 s of the server's CPU in a first page of
+~2.8 s). Streamlit's frontend loads the code of an element kind the first time a page shows
+one: plotly.js, a 4.7 MB script, for the first chart. In Chromium there the page's script
+had finished ~1.3 s after the URL was opened, and plotly.js arrived ~0.3 s later; parsing it
+(~0.8 s, off the main thread) and running it (~0.35 s) before the first chart is drawn is
+most of the rest. So the Learn page draws only what a first visit needs: its "careful
+reader" section (a fourth chart and a table, whose grid code is another 1.5 MB of script)
+is drawn once opened.
 """
 
 from __future__ import annotations

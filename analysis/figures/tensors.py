@@ -130,7 +130,7 @@ def tensor_panels(panels: Mapping[str, object], param: str, max_cells: int | Non
 
     pooled = {name: _pool_panel(name, tensor, cells) for name, tensor in tensors.items()}
     first = next(iter(pooled.values()))[2]
-    x_labels, y_labels = first.col_labels(), first.row_labels()
+    x_labels, y_labels, axis_type = first.axes()
     fr, fc = first.block
 
     n = len(pooled)
@@ -160,9 +160,9 @@ def tensor_panels(panels: Mapping[str, object], param: str, max_cells: int | Non
                 f"rows %{{y}}, cols %{{x}}<br>pooled cell ({fr}×{fc} weights), {shows}: "
                 if fr * fc > 1 else "row %{y}, col %{x}<br>value: ") + "%{z:.4g}<extra></extra>"),
         ), row=1, col=col)
-        fig.update_xaxes(type="category", matches="x" if col > 1 else None, row=1, col=col,
+        fig.update_xaxes(type=axis_type, matches="x" if col > 1 else None, row=1, col=col,
                          title_text="column (input dim)", nticks=5)
-    fig.update_yaxes(type="category", autorange="reversed", nticks=10)
+    fig.update_yaxes(type=axis_type, autorange="reversed", nticks=10)
     fig.update_yaxes(title_text="row (output dim)", row=1, col=1)
     rows, cols = first.shape
     fig.update_layout(
@@ -256,16 +256,17 @@ def mask_change(mask: torch.Tensor, mask_alt: torch.Tensor, param: str, what_if:
     fr, fc = pooled.block
     pooled_note = f"pooled cell ({fr}×{fc} weights), mean change" if fr * fc > 1 else "change"
     where = "rows %{y}, cols %{x}" if fr * fc > 1 else "row %{y}, col %{x}"
+    x, y, axis_type = pooled.axes()
     fig = go.Figure(go.Heatmap(
-        z=values, x=pooled.col_labels(), y=pooled.row_labels(), colorscale="RdBu_r",
+        z=values, x=x, y=y, colorscale="RdBu_r",
         zmin=-bound, zmax=bound, colorbar={"title": {"text": "Δw", "side": "top"}},
         hovertemplate=(f"<b>{html.escape(param)}</b><br>{where}<br>{pooled_note} in w: "
                        "%{z:.3g}<extra></extra>"),
     ))
     rows, cols = pooled.shape
-    fig.update_yaxes(type="category", autorange="reversed", nticks=10,
+    fig.update_yaxes(type=axis_type, autorange="reversed", nticks=10,
                      title_text="row (output dim)")
-    fig.update_xaxes(type="category", nticks=6, title_text="column (input dim)")
+    fig.update_xaxes(type=axis_type, nticks=6, title_text="column (input dim)")
     fig.update_layout(
         title=(f"w under {html.escape(what_if)} minus w as trained — {rows}×{cols}"
                + (f", each cell pools {fr}×{fc} weights" if fr * fc > 1 else "")),
@@ -288,15 +289,16 @@ def mask_flip_map(flips: torch.Tensor, param: str, step_a: int, step_b: int,
     what = ("+1 pinned → free, −1 free → pinned: %{z:.0f}" if one else
             f"pooled cell ({fr}×{fc} weights), net share flipped (freed − pinned): %{{z:.3f}}")
     where = "row %{y}, col %{x}" if one else "rows %{y}, cols %{x}"
+    x, y, axis_type = pooled.axes()
     fig = go.Figure(go.Heatmap(
-        z=pooled.values, x=pooled.col_labels(), y=pooled.row_labels(), colorscale="RdBu_r",
+        z=pooled.values, x=x, y=y, colorscale="RdBu_r",
         zmin=-1, zmax=1, colorbar={"title": {"text": "flip", "side": "top"}},
         hovertemplate=f"<b>{html.escape(param)}</b><br>{where}<br>{what}<extra></extra>",
     ))
     rows, cols = pooled.shape
-    fig.update_yaxes(type="category", autorange="reversed", nticks=10,
+    fig.update_yaxes(type=axis_type, autorange="reversed", nticks=10,
                      title_text="row (output dim)")
-    fig.update_xaxes(type="category", nticks=6, title_text="column (input dim)")
+    fig.update_xaxes(type=axis_type, nticks=6, title_text="column (input dim)")
     fig.update_layout(
         title=(f"Mask flips from step {int(step_a)} to step {int(step_b)} — {rows}×{cols}"
                + (f", each cell pools {fr}×{fc} weights" if not one else "")),

@@ -178,37 +178,41 @@ presentation.show_figure(example_history(example.history, current_step=steps), k
                 width="stretch")
 
 # ------------------------------------------------------------------------------ careful reader
-# collapsed: a class needs the rule, not float32 rounding; a careful reader opens it
+# collapsed: a class needs the rule, not float32 rounding; a careful reader opens it. Its
+# figure and table are drawn only once it is open (it reruns the page): the first page a
+# visitor sees then loads neither the table's code nor a fourth chart (bench/bench_app.py)
 with st.expander("For the careful reader: the mask jumps at I = G (float rounding)",
-                 expanded=False):
-    a, b = st.columns([3, 2], gap="large")
-    with a:
-        presentation.show_figure(tie_scatter(last.importance_pre, last.importance_ft, last.mask,
-                                    marked=marked), key="learn_tie", width="stretch")
-    with b:
-        st.markdown(
-            "Each dot is one weight of the example. Left of the dashed line (G ≤ I) it is pinned, "
-            "w = 0; just right of it, w jumps to G/(I+G) ≈ ½, near 1 after normalisation. "
-            "There is no in-between: a weight whose G and I agree to "
-            "the last bit can land on either side in two correct programs, on another number "
-            "of threads or processes, or on other hardware — and from then on the runs drift "
-            "apart. Compare runs by their results, never bit for bit."
-        )
-        shown = tie.assign(**{"G − I": tie["gap"], "ulps": tie["ulps"].round()})
-        st.dataframe(shown[["row", "col", "G − I", "ulps", "w"]], hide_index=True, width="stretch",
-                     column_config={"G − I": st.column_config.NumberColumn(format="%.2e"),
-                                    "ulps": st.column_config.NumberColumn(
-                                        format="%d", help="float32 rounding steps between G and I"),
-                                    "w": st.column_config.NumberColumn(format="%.3f")})
-        at_tie = int((tie["ulps"] <= TIE_ULPS).sum())
-        st.caption(
-            f"The {MARKED} weights of this example closest to the tie (orange outlines above); "
-            "ulps: how many float32 rounding steps G is from I. "
-            + (f"{at_tie} of them are within {TIE_ULPS} float32 rounding steps of it: float "
-               "rounding alone decides their side." if at_tie else
-               f"None is within {TIE_ULPS} float32 rounding steps here; in a tensor of millions "
-               "of weights some always are.")
-        )
+                 expanded=False, key="learn_careful", on_change="rerun",
+                 bind="query-params") as careful:
+    if careful.open:
+        a, b = st.columns([3, 2], gap="large")
+        with a:
+            presentation.show_figure(tie_scatter(last.importance_pre, last.importance_ft, last.mask,
+                                        marked=marked), key="learn_tie", width="stretch")
+        with b:
+            st.markdown(
+                "Each dot is one weight of the example. Left of the dashed line (G ≤ I) it is pinned, "
+                "w = 0; just right of it, w jumps to G/(I+G) ≈ ½, near 1 after normalisation. "
+                "There is no in-between: a weight whose G and I agree to "
+                "the last bit can land on either side in two correct programs, on another number "
+                "of threads or processes, or on other hardware — and from then on the runs drift "
+                "apart. Compare runs by their results, never bit for bit."
+            )
+            shown = tie.assign(**{"G − I": tie["gap"], "ulps": tie["ulps"].round()})
+            st.dataframe(shown[["row", "col", "G − I", "ulps", "w"]], hide_index=True, width="stretch",
+                         column_config={"G − I": st.column_config.NumberColumn(format="%.2e"),
+                                        "ulps": st.column_config.NumberColumn(
+                                            format="%d", help="float32 rounding steps between G and I"),
+                                        "w": st.column_config.NumberColumn(format="%.3f")})
+            at_tie = int((tie["ulps"] <= TIE_ULPS).sum())
+            st.caption(
+                f"The {MARKED} weights of this example closest to the tie (orange outlines above); "
+                "ulps: how many float32 rounding steps G is from I. "
+                + (f"{at_tie} of them are within {TIE_ULPS} float32 rounding steps of it: float "
+                   "rounding alone decides their side." if at_tie else
+                   f"None is within {TIE_ULPS} float32 rounding steps here; in a tensor of millions "
+                   "of weights some always are.")
+            )
 
 # ------------------------------------------------------------------------------ start here
 st.header("Start here: a tour of the sample runs")

@@ -44,6 +44,12 @@ from spider.errors import UserError
 
 PARAM_QUERY = "param"
 DEFAULT_PARAM = "model.language_model.layers.3.mlp.down_proj.weight"
+# the page's sections below the panels, one open at a time (tab labels, in the address)
+SECTION_STATISTICS = "Statistics"
+SECTION_DISTRIBUTIONS = "Distributions"
+SECTION_WHAT_IF = "What if (another SPIDER option)"
+SECTION_REGION = "A region at full resolution"
+SECTION_FLIPS = "Mask flips between checkpoints"
 _KIND_WORDS = {
     "importance_pre": "I (pre-training importance)",
     "importance_ft": "G (fine-tuning importance)",
@@ -366,105 +372,127 @@ else:
         + " Axes are shared: zoom one panel and all follow; hover gives row, column and "
           "value.")
 
-    st.subheader("Distributions")
-    presentation.show_figure(hist_fig, key="params_hist", width="stretch")
-
-    st.subheader("Statistics")
-    st.dataframe(table.assign(kind=table["kind"].map(lambda k: KIND_LABELS.get(k, k))),
-                 hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.4g")
-                                for c in ("mean", "std", "min", "max")}
-                 | {"numel": st.column_config.NumberColumn("entries"),
-                    "share_zero": st.column_config.NumberColumn("exactly 0", format="percent"),
-                    "share_one": st.column_config.NumberColumn("exactly 1", format="percent")})
-    if "importance_pre" in views and "importance_ft" in views:
-        disc = numbers
-        st.caption(
-            f"G − I on average {disc['discrepancy_mean']:+.4f}; G > I for "
-            f"{disc['frac_ft_gt_pre']:.2%} of the weights; correlation of I and G "
-            f"{disc['correlation']:.3f} (near 0: the task relies on other weights than "
-            "pre-training did)."
-        )
-
-    # -------------------------------------------------------------------------- what-if
+    # -------------------------------------------------------------------------- sections
+    # Below the panels, one section's figures at a time, in tabs that rerun the page: drawn
+    # all at once, the four figures took ~0.4 s of the browser's time on every visit
+    # (bench/bench_app.py). Every section's widgets stay on the page (hidden in closed tabs),
+    # so their values, and the address that holds them, survive switching tabs.
+    sections = [SECTION_STATISTICS, SECTION_DISTRIBUTIONS]
     if method == "spider":
-        st.subheader("What if: the same checkpoint under another SPIDER option")
-        st.caption("The mask rebuilt from this checkpoint's θ0 and summed gradients S with "
-                   "SPIDER's own function, under other options. It answers 'what would the "
-                   "mask be right now'; a whole run with that option would also have "
-                   "followed a different path. S was summed one way only, so the "
-                   "accumulation cannot be changed here.")
-        trained_mask = options.get("mask", "weighted")
-        trained_norm = bool(options.get("normalize", True))
-        w1, w2 = st.columns(2)
-        alt_mask = w1.radio("Mask", ("weighted", "binary"),
-                            index=1 if trained_mask == "weighted" else 0, horizontal=True,
-                            key="params_whatif_mask", bind="query-params",
-                            help="weighted: w = G/(I+G) where G > I; binary: w = 1 there.")
-        alt_norm = w2.radio("Normalisation", (True, False), index=0 if trained_norm else 1,
-                            format_func=lambda v: "on (divide by mean, cap at 1)" if v
-                            else "off", horizontal=True, key="params_whatif_norm",
-                            bind="query-params")
-        what_if = _what_if(path, signature, int(step), param, alt_mask, alt_norm)
-        trained_label = f"mask={trained_mask}, normalize={option_value(trained_norm)}"
-        if what_if.alternative == what_if.options:
-            st.info(f"That is the run's own setting ({trained_label}): nothing changes. "
-                    "Pick another option above.")
-        r = _what_if_row(path, signature, int(step), param, alt_mask, alt_norm)
-        c = st.columns(4)
-        c[0].metric(f"Weights whose w changes (of {what_if.numel:,})", f"{what_if.changed:,}",
-                    f"{r['share changed']:.1%} of the tensor", delta_color="off",
-                    delta_arrow="off")
-        c[1].metric("Switch pinned ↔ free", f"{what_if.flipped:,}",
-                    help="Weights that go from w = 0 to w > 0 or back. The options here "
-                         "change how much a free weight moves, not which weights are "
-                         "free, so this is 0 unless the tie I = G is crossed.")
-        c[2].metric(f"Mean w (as trained {r['mean w as trained']:.3f})",
-                    f"{r['mean w what-if']:.3f}",
-                    f"{r['mean w what-if'] - r['mean w as trained']:+.3f}", delta_color="off")
-        c[3].metric("Free to move (w > 0)", f"{r['share free what-if']:.2%}")
-        if what_if.changed:
-            presentation.show_figure(_what_if_figure(path, signature, int(step), param, alt_mask,
-                                            alt_norm), key="params_whatif_fig", width="stretch")
-
-    # -------------------------------------------------------------------------- region
-    st.subheader("A region at full resolution")
-    n_rows, n_cols = shape2d
-    g = st.columns(4)
-    row_from = g[0].number_input("Rows from", 0, n_rows - 1, 0, key="params_r0",
-                                 bind="query-params")
-    row_to = g[1].number_input("to (excluded)", 1, n_rows, min(n_rows, 64), key="params_r1",
-                               bind="query-params")
-    col_from = g[2].number_input("Columns from", 0, n_cols - 1, 0, key="params_c0",
-                                 bind="query-params")
-    col_to = g[3].number_input("to (excluded)", 1, n_cols, min(n_cols, 64), key="params_c1",
-                               bind="query-params")
-    region_rows, region_cols = region_bounds(shape2d, (row_from, row_to), (col_from, col_to))
-    presentation.show_figure(_region_figure(path, signature, int(step), param,
-                                            tuple(region_rows), tuple(region_cols)),
-                    key="params_region", width="stretch")
-    st.caption(f"Up to {REGION_FULL}×{REGION_FULL} entries each cell is one weight, and "
-               "hover gives its row, column and exact value; a larger region is pooled. "
-               "Rows and columns count from 0 in the whole tensor"
-               + (" (viewed as rows × the rest of its dimensions)."
-                  if len(row["shape"].split("×")) > 2 else "."))
-
-    # -------------------------------------------------------------------------- mask flips
+        sections.append(SECTION_WHAT_IF)
+    sections.append(SECTION_REGION)
     if "mask" in views and len(steps) > 1:
-        st.subheader("Mask flips between two checkpoints")
-        f1, f2 = st.columns(2)
-        earlier = [s for s in steps if s < int(step)] or [s for s in steps if s != int(step)]
-        step_a = f1.selectbox("From step", earlier, index=0, key="params_flip_from",
-                              bind="query-params")
-        f2.markdown(f"**To step**  \n{step} (the checkpoint chosen above)")
-        flips, flips_fig = _flips(path, signature, int(step_a), int(step), param)
-        k = st.columns(3)
-        k[0].metric("Pinned → free", f"{flips.freed:,}",
-                    help="Entries with w = 0 at the first step and w > 0 at the second.")
-        k[1].metric("Free → pinned", f"{flips.pinned:,}",
-                    help="Entries with w > 0 at the first step and w = 0 at the second.")
-        k[2].metric("Share that flipped", f"{(flips.freed + flips.pinned) / flips.numel:.2%}")
-        presentation.show_figure(flips_fig, key="params_flips", width="stretch")
+        sections.append(SECTION_FLIPS)
+    tabs = dict(zip(sections, st.tabs(sections, key="params_section", on_change="rerun",
+                                      bind="query-params")))
+    with tabs[SECTION_STATISTICS]:
+        if tabs[SECTION_STATISTICS].open:
+            st.subheader("Statistics")
+            st.dataframe(
+                table.assign(kind=table["kind"].map(lambda k: KIND_LABELS.get(k, k))),
+                hide_index=True, width="stretch",
+                column_config={c: st.column_config.NumberColumn(format="%.4g")
+                               for c in ("mean", "std", "min", "max")}
+                | {"numel": st.column_config.NumberColumn("entries"),
+                   "share_zero": st.column_config.NumberColumn("exactly 0", format="percent"),
+                   "share_one": st.column_config.NumberColumn("exactly 1", format="percent")})
+            if "importance_pre" in views and "importance_ft" in views:
+                st.caption(
+                    f"G − I on average {numbers['discrepancy_mean']:+.4f}; G > I for "
+                    f"{numbers['frac_ft_gt_pre']:.2%} of the weights; correlation of I and G "
+                    f"{numbers['correlation']:.3f} (near 0: the task relies on other weights "
+                    "than pre-training did).")
+    with tabs[SECTION_DISTRIBUTIONS]:
+        if tabs[SECTION_DISTRIBUTIONS].open:
+            st.subheader("Distributions")
+            presentation.show_figure(hist_fig, key="params_hist", width="stretch")
+
+    if SECTION_WHAT_IF in tabs:
+        with tabs[SECTION_WHAT_IF]:
+            st.subheader("What if: the same checkpoint under another SPIDER option")
+            st.caption("The mask rebuilt from this checkpoint's θ0 and summed gradients S with "
+                       "SPIDER's own function, under other options. It answers 'what would the "
+                       "mask be right now'; a whole run with that option would also have "
+                       "followed a different path. S was summed one way only, so the "
+                       "accumulation cannot be changed here.")
+            trained_mask = options.get("mask", "weighted")
+            trained_norm = bool(options.get("normalize", True))
+            w1, w2 = st.columns(2)
+            alt_mask = w1.radio("Mask", ("weighted", "binary"),
+                                index=1 if trained_mask == "weighted" else 0, horizontal=True,
+                                key="params_whatif_mask", bind="query-params",
+                                help="weighted: w = G/(I+G) where G > I; binary: w = 1 there.")
+            alt_norm = w2.radio("Normalisation", (True, False), index=0 if trained_norm else 1,
+                                format_func=lambda v: "on (divide by mean, cap at 1)" if v
+                                else "off", horizontal=True, key="params_whatif_norm",
+                                bind="query-params")
+            if tabs[SECTION_WHAT_IF].open:
+                what_if = _what_if(path, signature, int(step), param, alt_mask, alt_norm)
+                trained_label = f"mask={trained_mask}, normalize={option_value(trained_norm)}"
+                if what_if.alternative == what_if.options:
+                    st.info(f"That is the run's own setting ({trained_label}): nothing "
+                            "changes. Pick another option above.")
+                r = _what_if_row(path, signature, int(step), param, alt_mask, alt_norm)
+                c = st.columns(4)
+                c[0].metric(f"Weights whose w changes (of {what_if.numel:,})",
+                            f"{what_if.changed:,}", f"{r['share changed']:.1%} of the tensor",
+                            delta_color="off", delta_arrow="off")
+                c[1].metric("Switch pinned ↔ free", f"{what_if.flipped:,}",
+                            help="Weights that go from w = 0 to w > 0 or back. The options "
+                                 "here change how much a free weight moves, not which weights "
+                                 "are free, so this is 0 unless the tie I = G is crossed.")
+                c[2].metric(f"Mean w (as trained {r['mean w as trained']:.3f})",
+                            f"{r['mean w what-if']:.3f}",
+                            f"{r['mean w what-if'] - r['mean w as trained']:+.3f}",
+                            delta_color="off")
+                c[3].metric("Free to move (w > 0)", f"{r['share free what-if']:.2%}")
+                if what_if.changed:
+                    presentation.show_figure(
+                        _what_if_figure(path, signature, int(step), param, alt_mask, alt_norm),
+                        key="params_whatif_fig", width="stretch")
+
+    with tabs[SECTION_REGION]:
+        st.subheader("A region at full resolution")
+        n_rows, n_cols = shape2d
+        g = st.columns(4)
+        row_from = g[0].number_input("Rows from", 0, n_rows - 1, 0, key="params_r0",
+                                     bind="query-params")
+        row_to = g[1].number_input("to (excluded)", 1, n_rows, min(n_rows, 64),
+                                   key="params_r1", bind="query-params")
+        col_from = g[2].number_input("Columns from", 0, n_cols - 1, 0, key="params_c0",
+                                     bind="query-params")
+        col_to = g[3].number_input("to (excluded)", 1, n_cols, min(n_cols, 64),
+                                   key="params_c1", bind="query-params")
+        if tabs[SECTION_REGION].open:
+            region_rows, region_cols = region_bounds(shape2d, (row_from, row_to),
+                                                     (col_from, col_to))
+            presentation.show_figure(_region_figure(path, signature, int(step), param,
+                                                    tuple(region_rows), tuple(region_cols)),
+                                     key="params_region", width="stretch")
+            st.caption(f"Up to {REGION_FULL}×{REGION_FULL} entries each cell is one weight, "
+                       "and hover gives its row, column and exact value; a larger region is "
+                       "pooled. Rows and columns count from 0 in the whole tensor"
+                       + (" (viewed as rows × the rest of its dimensions)."
+                          if len(row["shape"].split("×")) > 2 else "."))
+
+    if SECTION_FLIPS in tabs:
+        with tabs[SECTION_FLIPS]:
+            st.subheader("Mask flips between two checkpoints")
+            f1, f2 = st.columns(2)
+            earlier = [s for s in steps if s < int(step)] or [s for s in steps if s != int(step)]
+            step_a = f1.selectbox("From step", earlier, index=0, key="params_flip_from",
+                                  bind="query-params")
+            f2.markdown(f"**To step**  \n{step} (the checkpoint chosen above)")
+            if tabs[SECTION_FLIPS].open:
+                flips, flips_fig = _flips(path, signature, int(step_a), int(step), param)
+                k = st.columns(3)
+                k[0].metric("Pinned → free", f"{flips.freed:,}",
+                            help="Entries with w = 0 at the first step and w > 0 at the second.")
+                k[1].metric("Free → pinned", f"{flips.pinned:,}",
+                            help="Entries with w > 0 at the first step and w = 0 at the second.")
+                k[2].metric("Share that flipped",
+                            f"{(flips.freed + flips.pinned) / flips.numel:.2%}")
+                presentation.show_figure(flips_fig, key="params_flips", width="stretch")
 
     # -------------------------------------------------------------------------- downloads
     # the two files below are made only when asked for (a CSV of a large tensor's moved
@@ -500,8 +528,11 @@ else:
              "which give back each float32 exactly.")
 
 # ------------------------------------------------------------------------------ kept tensors
-with st.expander(f"Which tensors this run kept ({int(kept['kept'].sum())} of {len(kept)})"):
-    if pattern:
-        st.caption(f"The run saved only tensors matching `--save-tensors {pattern}`; "
-                   "statistics of every trainable tensor were logged all the same.")
-    st.dataframe(kept, hide_index=True, width="stretch")
+# drawn only once opened (it reruns the page): a closed expander's table is drawn all the same
+with st.expander(f"Which tensors this run kept ({int(kept['kept'].sum())} of {len(kept)})",
+                 key="params_kept", on_change="rerun") as kept_box:
+    if kept_box.open:
+        if pattern:
+            st.caption(f"The run saved only tensors matching `--save-tensors {pattern}`; "
+                       "statistics of every trainable tensor were logged all the same.")
+        st.dataframe(kept, hide_index=True, width="stretch")

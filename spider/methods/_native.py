@@ -7,9 +7,9 @@ microseconds a call.
 
 The library is compiled by the system's C compiler (``$CC``, else ``cc``) with
 ``-O3 -march=native -fopenmp`` (``flags()``) into ``$SPIDERSCOPE_KERNELS`` (default
-``~/.cache/spiderscope/kernels``) under a hash of the source, the flags, the compiler's
-version and the CPU's flags, so a cache shared between machines never hands one a binary
-built for another; about a second, once. It links PyTorch's OpenMP runtime (the one
+``~/.cache/spiderscope/kernels``; the temporary folder where that cannot be written) under a
+hash of the source, the flags, the compiler's version and the CPU's flags, so a cache shared
+between machines never hands one a binary built for another; about a second, once. It links PyTorch's OpenMP runtime (the one
 already loaded), so its threads are PyTorch's.
 
 ``kernels()`` returns the loaded ``NativeKernels`` or raises ``NativeUnavailable`` with the
@@ -52,6 +52,14 @@ def kernel_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "spiderscope" / "kernels"
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -82,9 +90,15 @@ def build() -> Path:
     key = hashlib.blake2b(
         "\n".join([SOURCE.read_text(), " ".join(flags()), version, _cpu_flags(),
                    platform.machine()]).encode(), digest_size=10).hexdigest()
-    target = kernel_dir() / f"spider-{key}.so"
-    if target.exists():
-        return target
+    name = f"spider-{key}.so"
+    folder = kernel_dir()
+    if (folder / name).exists():
+        return folder / name
+    if not _writable(folder):  # a read-only home: this machine's temporary folder instead
+        folder = Path(tempfile.gettempdir()) / f"spiderscope-kernels-{os.getuid()}"
+        if (folder / name).exists():
+            return folder / name
+    target = folder / name
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # into a temporary name, then renamed: a process that loses a race to build the same
@@ -121,23 +135,23 @@ class NativeKernels:
         for fn in (lib.spider_accumulate, lib.spider_mask, lib.spider_merge):
             fn.restype = None
         self.lib = lib
-        self._sums = (ctypes.c_double * 2)()
 
     def accumulate(self, grad_sum: torch.Tensor, grad: torch.Tensor | None,
                    mode: str) -> list[float]:
         """``S += g`` (per ``mode``) in place; returns ``[sum|S|, sum S^2]``."""
+        sums = (ctypes.c_double * 2)()  # per call: two threads may update two models
         self.lib.spider_accumulate(grad_sum.data_ptr(), None if grad is None else grad.data_ptr(),
-                                   grad_sum.numel(), MODES[mode], torch.get_num_threads(),
-                                   self._sums)
-        return list(self._sums)
+                                   grad_sum.numel(), MODES[mode], torch.get_num_threads(), sums)
+        return list(sums)
 
     def mask(self, grad_sum: torch.Tensor, theta0: torch.Tensor, coef: list[float],
              out: torch.Tensor, binary: bool) -> list[float]:
         """The raw keep-weight into ``out``, with ``G = sigmoid(coef[0] |S| + coef[1])`` and
         ``I = sigmoid(coef[2] |theta0| + coef[3])``; returns ``[sum w, count(w > 0)]``."""
+        sums = (ctypes.c_double * 2)()
         self.lib.spider_mask(grad_sum.data_ptr(), theta0.data_ptr(), grad_sum.numel(), *coef,
-                             int(binary), out.data_ptr(), torch.get_num_threads(), self._sums)
-        return list(self._sums)
+                             int(binary), out.data_ptr(), torch.get_num_threads(), sums)
+        return list(sums)
 
     def merge(self, param: torch.Tensor, theta0: torch.Tensor, w: torch.Tensor,
               mask_sums: list[float], normalize: bool, full_precision: bool) -> None:

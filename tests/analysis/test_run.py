@@ -406,6 +406,9 @@ def test_rebuilt_masks_and_importances_equal_the_live_method(fresh_spider_run):
     run = load_run(path)
     assert run.steps == [2, 3] and run.options["normalize"] is False
     live = runner.method
+    # the analysis rebuilds by the plain formulas (analysis.run, _rebuild); the fused passes
+    # training took agree with them to float rounding only (tests/spider/methods/test_spider.py)
+    live.fused = False
     masks, importances = live.masks(), live.importances()
     checked = 0
     for param in run.params(3):

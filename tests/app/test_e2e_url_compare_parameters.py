@@ -111,15 +111,25 @@ def test_compare_view_survives_a_reload_in_a_fresh_browser(streamlit_server, bro
         assert again.locator(EXCEPTION).count() == 0
 
 
+WHAT_IF, REGION = "What if (another SPIDER option)", "A region at full resolution"
+
+
+def _open_tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+    wait_idle(page)
+
+
 def _parameters_view(page) -> dict:
-    return {
-        "step": _slider_value(page, "Checkpoint step"),
-        "find": page.get_by_label("Find a parameter", exact=True).input_value(),
-        "mask": _radio_value(page, "Mask"),
-        "normalisation": _radio_value(page, "Normalisation"),
-        "rows from": page.get_by_label("Rows from", exact=True).input_value(),
-        "columns from": page.get_by_label("Columns from", exact=True).input_value(),
-    }
+    """The view's settings, read in both of the sections that hold them (one tab open at a
+    time); ends with the region's tab open."""
+    view = {"step": _slider_value(page, "Checkpoint step"),
+            "find": page.get_by_label("Find a parameter", exact=True).input_value()}
+    _open_tab(page, WHAT_IF)
+    view.update(mask=_radio_value(page, "Mask"), normalisation=_radio_value(page, "Normalisation"))
+    _open_tab(page, REGION)
+    view.update({"rows from": page.get_by_label("Rows from", exact=True).input_value(),
+                 "columns from": page.get_by_label("Columns from", exact=True).input_value()})
+    return view
 
 
 def test_parameters_view_survives_a_reload_in_a_fresh_browser(streamlit_server, browser_page,
@@ -130,17 +140,21 @@ def test_parameters_view_survives_a_reload_in_a_fresh_browser(streamlit_server, 
     default = _parameters_view(page)
     _press_slider(page, "Checkpoint step", "Home")
     _type(page, "Find a parameter", "down_proj")
+    _open_tab(page, WHAT_IF)
     _pick_radio(page, "Mask", "weighted" if default["mask"] == "binary" else "binary")
     _pick_radio(page, "Normalisation", "off")
+    _open_tab(page, REGION)
     _type(page, "Rows from", "10")
     _type(page, "Columns from", "20")
     changed = _parameters_view(page)
     assert all(changed[k] != default[k] for k in changed), (default, changed)
     assert page.locator(EXCEPTION).count() == 0
     address = page.url
+    assert "params_section=" in address  # the open tab is in the address too
 
     with _fresh_page(chromium) as again:
         again.goto(address)
         wait_idle(again)
+        assert again.get_by_label("Rows from", exact=True).input_value() == "10"  # region open
         assert _parameters_view(again) == changed
         assert again.locator(EXCEPTION).count() == 0

@@ -44,6 +44,7 @@ def test_learn_page_explains_and_shows_spiders_mask(app_page):
     assert r"\dfrac{G}{I+G}" in formulas and r"\theta_0\,(1-w) + \theta\,w" in formulas
     _check(at, ExampleSettings())
     # the near-tie table lists the entries with the smallest |G - I| first
+    at = app_page("learn", query={"learn_careful": "true"})  # the detail opened
     table = at.dataframe[0].value
     assert list(table.columns)[:3] == ["row", "col", "G − I"]
     assert table["G − I"].abs().is_monotonic_increasing
@@ -142,8 +143,14 @@ def test_the_float_rounding_detail_is_collapsed_for_the_careful_reader(app_page)
     at = app_page("learn")
     (careful,) = [e for e in at.expander if e.label.startswith("For the careful reader")]
     assert not careful.proto.expanded
-    # the ulps table lives inside it, not on the page's main flow
+    # closed, its chart and table are not drawn at all (the first page stays light) ...
+    assert not careful.dataframe and len(at.get("plotly_chart")) == 3
+    # ... and opened (its state is in the address), the ulps table lives inside it, not on
+    # the page's main flow, beside the tie chart
+    at = app_page("learn", query={"learn_careful": "true"})
+    (careful,) = [e for e in at.expander if e.label.startswith("For the careful reader")]
     assert len(careful.dataframe) == 1 and "ulps" in careful.dataframe[0].value.columns
+    assert len(at.get("plotly_chart")) == 4
 
 
 def test_why_it_forgot_is_explained_with_links_to_its_pages(app_page):

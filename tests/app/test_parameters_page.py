@@ -47,8 +47,14 @@ def _direct_masks(run_dir: Path, param: str, **changes):
     return now, alt
 
 
+WHAT_IF = "What if (another SPIDER option)"
+REGION = "A region at full resolution"
+FLIPS = "Mask flips between checkpoints"
+
+
 def test_spider_tensor_numbers_and_what_if_equal_direct_computations(app_page):
-    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN,
+                                       "params_section": WHAT_IF})
     assert not at.exception
     assert _widget(at.selectbox, "Run").value == "samples/spider"
     assert _widget(at.selectbox, "Parameter").value == DOWN
@@ -198,7 +204,8 @@ def _chart(at, title_part: str) -> dict:
 
 
 def test_a_region_is_drawn_entry_by_entry_with_exact_values(app_page):
-    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN,
+                                       "params_section": REGION})
     assert not at.exception
     at.number_input(key="params_r0").set_value(10)
     at.number_input(key="params_r1").set_value(20)
@@ -230,7 +237,8 @@ def test_a_large_region_is_pooled_and_labelled_with_whole_tensor_indices():
 
 
 def test_mask_flips_between_checkpoints_equal_the_masks_sides(app_page):
-    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN,
+                                       "params_section": FLIPS})
     assert not at.exception
     run = analysis.load_run(SAMPLES / "spider")
     a, b = run.steps[0], run.steps[-1]
@@ -336,3 +344,31 @@ def test_the_bf16_rounding_is_a_sentence_beside_free_and_unchanged(app_page, run
     at = app_page("parameters", query={"runs": ["f32"], "param": DOWN})
     assert not at.exception
     assert not any(m.value.startswith("**Why Δ = 0") for m in at.markdown)
+
+
+def test_one_section_is_drawn_at_a_time_and_the_address_chooses_it(app_page):
+    """Below the panels, only the open tab's section is computed and drawn (they cost the
+    browser ~0.4 s a visit drawn together); the address picks the tab."""
+    def figures(at):
+        return [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "")
+                for c in at.get("plotly_chart")[1:]]
+
+    at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN})
+    assert not at.exception
+    assert [s.value for s in at.subheader if s.value in ("Statistics", "Distributions")] == [
+        "Statistics"]
+    assert len(at.get("plotly_chart")) == 1 and len(at.dataframe) == 1  # panels and table
+    # every section's widgets stay (their values and the address survive a tab switch)
+    assert at.number_input(key="params_r0").value == 0
+    assert at.radio(key="params_whatif_mask").value == "binary"
+    for section, words in ((REGION, "rows 0–63"), (FLIPS, "Mask flips"),
+                           ("Distributions", "")):
+        at = app_page("parameters", query={"runs": ["samples/spider"], "param": DOWN,
+                                           "params_section": section})
+        assert not at.exception
+        assert len(figures(at)) == 1 and words in figures(at)[0], (section, figures(at))
+        assert "Statistics" not in [s.value for s in at.subheader]
+    # a run of another method has no what-if tab: an address asking for it opens the first
+    at = app_page("parameters", query={"runs": ["samples/full"], "params_section": WHAT_IF})
+    assert not at.exception
+    assert "Statistics" in [s.value for s in at.subheader]

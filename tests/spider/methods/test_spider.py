@@ -583,3 +583,20 @@ def test_the_cpu_library_is_built_once_and_cached_by_source_and_machine(monkeypa
     with pytest.raises(_native.NativeUnavailable, match="failed: fatal error: omp.h"):
         _native.build()
     assert set(tmp_path.iterdir()) == before
+
+
+def test_a_read_only_kernel_folder_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+    from spider.methods import _native
+
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    configured = tmp_path / "read-only" / "kernels"
+    monkeypatch.setenv("SPIDERSCOPE_KERNELS", str(configured))
+    # as a folder without write permission answers (a chmod does not stop root, who may run
+    # this suite)
+    monkeypatch.setattr(_native, "_writable", lambda folder: folder != configured)
+    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    built = _native.build()
+    assert built.parent == tmp_path / "tmp" / f"spiderscope-kernels-{os.getuid()}"
+    assert not configured.exists()
+    assert _native.NativeKernels(built).lib  # it loads
