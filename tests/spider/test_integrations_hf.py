@@ -483,6 +483,9 @@ def test_run_directory_loads_with_analysis_and_resume_equals_never_stopping(base
     assert set(layers["param"]) == set(whole.method.params)
     assert set(layers["component"]) == {"llm", "projector"}
     final = layers[layers["step"] == 4].set_index("param")
+    # by the plain formulas, as the analysis rebuilds them (the fused CPU passes that
+    # trained agree with them to float rounding: tests/spider/methods/test_spider.py)
+    whole.method.fused = False
     masks = whole.method.masks()
     name = "model.language_model.layers.1.mlp.down_proj.weight"
     assert final.loc[name, "mask_density"] == pytest.approx(float((masks[name] > 0).float().mean()))

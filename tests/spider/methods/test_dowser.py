@@ -144,6 +144,18 @@ def _batch(processor, n=4):
     return TrainCollator(processor)([data[i] for i in range(n)])
 
 
+def _train_steps(model, processor, method, optimizer, steps):
+    params = list(method.trainable_parameters())
+    batch = _batch(processor)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        method.before_optimizer_step()
+        optimizer.step()
+        method.after_optimizer_step()
+        optimizer.zero_grad()
+
+
 @pytest.mark.parametrize("kind", ["adamw", "sgd", "adam"])
 def test_frozen_entries_stay_at_theta0_with_weight_decay(kind):
     model, processor = _tiny()
@@ -154,14 +166,7 @@ def test_frozen_entries_stay_at_theta0_with_weight_decay(kind):
                  "sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9,
                                                 weight_decay=0.1),
                  "adam": lambda: torch.optim.Adam(params, lr=1e-2, weight_decay=0.1)}[kind]()
-    batch = _batch(processor)
-    for _ in range(3):
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        method.before_optimizer_step()
-        optimizer.step()
-        method.after_optimizer_step()
-        optimizer.zero_grad()
+    _train_steps(model, processor, method, optimizer, 3)
     assert optimizer.param_groups[0]["weight_decay"] == 0.1  # given back after each step
     assert len(method.frozen) == 29  # q k v o gate up down x 4 layers + lm_head
     for name, p in method.params.items():
@@ -174,18 +179,6 @@ def test_frozen_entries_stay_at_theta0_with_weight_decay(kind):
             assert torch.equal(method.masks()[name], torch.ones_like(p))
     method.finalize()
     assert not method._handles
-
-
-def _train_steps(model, processor, method, optimizer, steps):
-    params = list(method.trainable_parameters())
-    batch = _batch(processor)
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        method.before_optimizer_step()
-        optimizer.step()
-        method.after_optimizer_step()
-        optimizer.zero_grad()
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
