@@ -222,6 +222,16 @@ def keep_weight_scaled(
     return w, scale, stats
 
 
+def accumulate(grad_sum: torch.Tensor, grad: torch.Tensor, mode: str) -> None:
+    """``S += g`` (``signed``), ``|g|`` (``abs``) or ``g**2`` (``fisher``), in place."""
+    if mode == "signed":
+        grad_sum.add_(grad)
+    elif mode == "abs":
+        grad_sum.add_(grad.abs())
+    else:  # fisher
+        grad_sum.addcmul_(grad, grad)
+
+
 def apply_keep_weight(
     param: torch.Tensor, theta0: torch.Tensor, w: torch.Tensor, work: torch.Tensor,
     scale: float = 1.0,
@@ -321,6 +331,44 @@ def _merge_kernel(param, theta0, w, mask_sums, normalize: bool, full_precision: 
         param.copy_((theta0.float() * (1.0 - v) + param.float() * v).to(param.dtype))
 
 
+@torch.no_grad()  # as in the update: grad mode is part of what a compiled kernel guards
+def _check_passes(kernels, what: str, device: torch.device, param_dtype: torch.dtype,
+                  theta0_dtype: torch.dtype, options: SpiderOptions) -> None:
+    """Run ``kernels``' three passes once on a probe tensor and compare each with the eager
+    update (raises ``RuntimeError`` naming the pass that differs). Why: a compiler can build
+    a kernel that runs and is wrong (torch 2.13's inductor left the tail of a bf16 tensor
+    unsummed under ATEN_CPU_CAPABILITY=avx2); such kernels are then not used at all."""
+    # above FUSED_MIN_NUMEL: compiled kernels specialise on size ranges, so probe the range
+    # the update will mostly see
+    n = 70_001
+    s = torch.zeros(n, dtype=torch.float32, device=device)
+    g = torch.linspace(-1, 1, n, device=device).to(param_dtype)
+    t0 = torch.linspace(2, -1, n, device=device).to(theta0_dtype)
+    p = (t0.float() + 0.05 * g.float()).to(param_dtype)  # moved a little from theta0
+    w = torch.empty(n, dtype=torch.float32, device=device)
+    binary = options.mask == "binary"
+    sums = kernels.accumulate(s, g, options.accumulate)
+    expected_s = torch.zeros_like(s)
+    accumulate(expected_s, g, options.accumulate)
+    if not torch.equal(s, expected_s):
+        raise RuntimeError(f"{what} S += g differs from the eager one")
+    coef = [*affine_from_sums(abs_sums(s)), *affine_from_sums(abs_sums(t0))]
+    if isinstance(sums, torch.Tensor):  # compiled: scalars as a tensor (no recompiles)
+        coef = torch.tensor(coef, dtype=torch.float32, device=device)
+    mask_sums = kernels.mask(s, t0, coef, w, binary)
+    expected_w = keep_weight(t0, s, dataclasses.replace(options, normalize=False))[0]
+    if not torch.allclose(w, expected_w, rtol=1e-5, atol=1e-6):
+        raise RuntimeError(f"{what} mask differs from the eager one")
+    expected_p = p.clone()
+    keep, scale, _ = keep_weight_scaled(t0, s, options)
+    apply_keep_weight(expected_p, t0, keep, torch.empty_like(keep), scale)
+    kernels.merge(p, t0, w, mask_sums, options.normalize and not binary,
+                  param_dtype == theta0_dtype == torch.float32)
+    ulp = 1e-6 if param_dtype == torch.float32 else 1e-2
+    if not torch.allclose(p.float(), expected_p.float(), rtol=ulp, atol=ulp):
+        raise RuntimeError(f"{what} merge differs from the eager one")
+
+
 class _Kernels:
     """The three kernels, compiled once per process; ``None`` members mean eager."""
 
@@ -355,24 +403,7 @@ class _Kernels:
                 self.accumulate = compile_(_accumulate_kernel)
                 self.mask = compile_(_mask_kernel)
                 self.merge = compile_(_merge_kernel)
-            # above FUSED_MIN_NUMEL: the kernels specialise on size ranges, so probe the
-            # range the update will mostly see
-            n = 70_001
-            s = torch.zeros(n, dtype=torch.float32, device=device)
-            g = torch.linspace(-1, 1, n, device=device).to(param_dtype)
-            t0 = torch.linspace(2, -1, n, device=device).to(theta0_dtype)
-            p = t0.to(param_dtype, copy=True)  # not theta0 itself: an alias would be guarded
-            w = torch.empty(n, dtype=torch.float32, device=device)
-            binary = options.mask == "binary"
-            self.accumulate(s, g, options.accumulate)
-            coef = torch.tensor([*affine_from_sums(abs_sums(s)), *affine_from_sums(abs_sums(t0))],
-                                dtype=torch.float32, device=device)
-            sums = self.mask(s, t0, coef, w, binary)
-            self.merge(p, t0, w, sums, options.normalize and not binary,
-                       param_dtype == theta0_dtype == torch.float32)
-            expected_w = keep_weight(t0, s, dataclasses.replace(options, normalize=False))[0]
-            if not torch.allclose(w, expected_w, rtol=1e-5, atol=1e-6):
-                raise RuntimeError("compiled mask differs from the eager one")
+            _check_passes(self, "compiled", device, param_dtype, theta0_dtype, options)
             return True
         except Exception as error:  # noqa: BLE001 - any compiler failure means "use eager"
             self.disable(error, device)
@@ -408,21 +439,14 @@ class _NativeBackend:
 
     @torch.no_grad()
     def _probe(self, options: SpiderOptions) -> bool:
-        """Build (or load) the library and check its mask against the eager one once."""
+        """Build (or load) the library and check its passes against the eager ones once."""
         from spider.methods import _native
 
         try:
             self.kernels = self.kernels or _native.kernels()
-            n = 70_001
-            s = torch.zeros(n)
-            g, t0 = torch.linspace(-1, 1, n), torch.linspace(2, -1, n)
-            w = torch.empty(n)
-            self.kernels.accumulate(s, g, options.accumulate)
-            coef = [*affine_from_sums(abs_sums(s)), *affine_from_sums(abs_sums(t0))]
-            self.kernels.mask(s, t0, coef, w, options.mask == "binary")
-            expected = keep_weight(t0, s, dataclasses.replace(options, normalize=False))[0]
-            if not torch.allclose(w, expected, rtol=1e-5, atol=1e-6):
-                raise RuntimeError("the CPU library's mask differs from the eager one")
+            cpu = torch.device("cpu")
+            _check_passes(self.kernels, "the CPU library's", cpu, torch.float32,
+                          torch.float32, options)
             return True
         except Exception as error:  # noqa: BLE001 - any build or load failure means eager
             self.disable(error, torch.device("cpu"))
@@ -504,13 +528,7 @@ class Spider(MethodBase):
         return self._pre_affine[name]
 
     def _accumulate(self, grad_sum: torch.Tensor, grad: torch.Tensor) -> None:
-        mode = self.options.accumulate
-        if mode == "signed":
-            grad_sum.add_(grad)
-        elif mode == "abs":
-            grad_sum.add_(grad.abs())
-        else:  # fisher
-            grad_sum.addcmul_(grad, grad)
+        accumulate(grad_sum, grad, self.options.accumulate)
 
     def _weight(self, name: str, out: torch.Tensor, work: torch.Tensor, collect: bool = False,
                 importances=None):

@@ -96,7 +96,8 @@ def _fuse(method, backend: str, names=None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning
         if not all(method._fused(name) for name in names):
-            pytest.skip(f"SPIDER's {backend} kernels cannot be built on this machine")
+            pytest.skip(f"SPIDER's {backend} kernels cannot be built on this machine, or "
+                        "built wrong (their probe failed)")
 
 
 @pytest.mark.parametrize("optimizer, fused", [("sgd", None), ("adamw", None), ("adamw", "native"),
@@ -593,3 +594,51 @@ def test_a_read_only_kernel_folder_builds_in_the_temporary_folder(monkeypatch, t
     assert built.parent == tmp_path / "tmp" / f"spiderscope-kernels-{os.getuid()}"
     assert not configured.exists()
     assert _native.NativeKernels(built).lib  # it loads
+
+
+def test_passes_that_run_but_compute_wrongly_are_never_used(monkeypatch):
+    """A compiler can build a kernel that runs and is wrong (inductor left a bf16 tensor's
+    tail unsummed under ATEN_CPU_CAPABILITY=avx2): the probe compares every pass with the
+    eager update, and a backend that fails it is turned off with one warning."""
+    import spider.methods.spider as spider_module
+    from spider.methods.spider import SpiderOptions, _check_passes
+
+    class Wrong:
+        """The CPU library, with one pass broken."""
+
+        def __init__(self, real, broken: str):
+            self.real, self.broken = real, broken
+
+        def accumulate(self, grad_sum, grad, mode):
+            if self.broken == "accumulate":
+                grad = grad.clone()
+                grad[-5:] = 0  # the tail left out
+            return self.real.accumulate(grad_sum, grad, mode)
+
+        def mask(self, *args):
+            sums = self.real.mask(*args)
+            if self.broken == "mask":
+                args[3][::1000] += 0.01
+            return sums
+
+        def merge(self, param, theta0, w, sums, normalize, full):
+            self.real.merge(param, theta0, w, sums, normalize, full)
+            if self.broken == "merge":
+                param[::1000] += 0.01
+
+    method = build_method("spider", torch.nn.Linear(300, 300))
+    _fuse(method, "native", ["weight"])  # the real library builds and passes
+    real = spider_module._NATIVE.kernels
+    cpu = torch.device("cpu")
+    for broken, words in (("accumulate", "S \\+= g differs"), ("mask", "mask differs"),
+                          ("merge", "merge differs")):
+        with pytest.raises(RuntimeError, match=words):
+            _check_passes(Wrong(real, broken), "probe", cpu, torch.float32, torch.float32,
+                          SpiderOptions())
+    backend = spider_module._NativeBackend()
+    backend.kernels = Wrong(real, "accumulate")
+    monkeypatch.setattr(spider_module, "_NATIVE", backend)
+    fresh = build_method("spider", torch.nn.Linear(300, 300))
+    fresh.fused = True
+    with pytest.warns(RuntimeWarning, match="S \\+= g differs"):
+        assert not fresh._fused("weight")
