@@ -136,6 +136,12 @@ class NativeKernels:
             fn.restype = None
         self.lib = lib
 
+    @staticmethod
+    def accepts(*tensors: torch.Tensor) -> bool:
+        """Whether the passes may read these tensors: float32, on the CPU, contiguous."""
+        return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                   for t in tensors)
+
     def accumulate(self, grad_sum: torch.Tensor, grad: torch.Tensor | None,
                    mode: str) -> list[float]:
         """``S += g`` (per ``mode``) in place; returns ``[sum|S|, sum S^2]``."""

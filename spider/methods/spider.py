@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from spider.distributed import any_sharded, as_logical, local, shard_of, sum_across
 from spider.importance import Reducer, abs_into, abs_sums, affine_from_sums, rank_into
+from spider.methods import _native
 from spider.methods.base import (
     STAT_COLUMNS,
     MethodBase,
@@ -440,8 +441,6 @@ class _NativeBackend:
     @torch.no_grad()
     def _probe(self, options: SpiderOptions) -> bool:
         """Build (or load) the library and check its passes against the eager ones once."""
-        from spider.methods import _native
-
         try:
             self.kernels = self.kernels or _native.kernels()
             cpu = torch.device("cpu")
@@ -463,8 +462,6 @@ _NATIVE = _NativeBackend()
 
 def _as_floats(sums) -> list[float]:
     return sums if isinstance(sums, list) else sums.tolist()
-
-
 
 
 @register("spider")
@@ -581,11 +578,17 @@ class Spider(MethodBase):
         yet (the caller then runs the whole eager update)."""
         grad_sum, theta0, w, work = self._flat_views(name)
         param = local(p.data).view(-1)
+        grad = None if p.grad is None else local(p.grad).reshape(-1)
         kernels = self._kernels(param.device)
+        if kernels is _NATIVE and not _native.NativeKernels.accepts(
+                param, *(() if grad is None else (grad,))):
+            # the C passes read raw float32 CPU memory: a model moved or cast after the
+            # method was built (which the cached choice of fused tensors cannot see) is
+            # updated eagerly, where PyTorch checks devices and dtypes
+            return False
         try:
-            if p.grad is not None:
-                sums = kernels.accumulate(grad_sum, local(p.grad).reshape(-1),
-                                          self.options.accumulate)
+            if grad is not None:
+                sums = kernels.accumulate(grad_sum, grad, self.options.accumulate)
             else:
                 sums = torch.stack([grad_sum.abs().sum(), grad_sum.square().sum()])
         except Exception as error:  # noqa: BLE001 - nothing changed yet: all eager

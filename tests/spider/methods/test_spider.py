@@ -642,3 +642,21 @@ def test_passes_that_run_but_compute_wrongly_are_never_used(monkeypatch):
     fresh.fused = True
     with pytest.warns(RuntimeWarning, match="S \\+= g differs"):
         assert not fresh._fused("weight")
+
+
+def test_a_model_cast_after_the_method_was_built_is_updated_eagerly():
+    """The C passes read raw float32 memory: a parameter cast to bf16 after the choice of
+    fused tensors was made takes the eager update (as an eager twin does), never the C one."""
+    model, twin = torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)
+    twin.load_state_dict(model.state_dict())
+    method, eager = build_method("spider", model), build_method("spider", twin)
+    _fuse(method, "native", ["weight"])
+    eager.fused = False
+    assert "weight" in method._fused_names()  # chosen while float32
+    for m in (model, twin):
+        m.weight.data = m.weight.data.to(torch.bfloat16)
+        m.weight.grad = torch.ones_like(m.weight)
+        m.bias.grad = torch.ones_like(m.bias)
+    method.after_optimizer_step()
+    eager.after_optimizer_step()
+    assert torch.equal(model.weight, twin.weight) and model.weight.dtype == torch.bfloat16
