@@ -8,6 +8,8 @@ import shutil
 import time
 from urllib.parse import parse_qs, urlparse
 
+from playwright.sync_api import expect
+
 from spider.rundir import AttributionRow, RunDir
 from tests.app.conftest import wait_idle
 from tests.app.test_compare_page import SAMPLES
@@ -164,8 +166,10 @@ def test_why_it_forgot_view_survives_a_reload_and_a_shared_link(streamlit_server
     _select(page, "Run", "samples/full (full)")
     assert _query(page)["runs"][0] == "samples/full"
     drift = page.locator("[data-testid='stMultiSelect']", has_text="Runs").first
-    drift.locator("[data-tag]").first.wait_for(timeout=90_000)
-    assert drift.locator("[data-tag]").first.get_attribute("aria-label") == "samples/full (full)"
+    # the previous run's tag stands until the page has rerun: wait for the new one to lead
+    # (a busy machine took seconds)
+    expect(drift.locator("[data-tag]").first).to_have_attribute(
+        "aria-label", "samples/full (full)", timeout=90_000)
     _select(page, "Run", "url-attributed (full)")
     _select(page, "Grouped by", "layer")
     _select(page, "Checkpoint step", "100")
